@@ -1,0 +1,1310 @@
+"""The user-facing Executor and its Futures.
+
+An :class:`Executor` keeps one batched stream to the scheduler and runs its
+own event loop in a background thread (or, with ``asynchronous=True``, on the
+caller's loop).  Blocking methods (``gather``, ``result``, ``restart``, ...)
+wrap coroutine twins (``_gather``, ``_result``, ``_restart``, ...) that run
+on that loop.
+
+Reference counting.  Every :class:`Future` for a key shares one
+:class:`FutureState`.  ``Executor.refcount[key]`` counts live Future objects;
+when the last one is garbage collected the executor tells the scheduler
+``client-releases-keys``.  ``Future.__del__`` may run in any thread, at any
+moment (even inside another method of the executor), so it only appends to a
+deque; the deque is drained under ``Executor._lock`` by the next method that
+sends something, or on the loop soon after.  All messages to the scheduler
+pass through one queue under that lock, so a release and a later
+re-submission of the same key reach the scheduler in the order they
+happened.
+
+State:
+
+* ``futures``: key -> FutureState of every key this executor holds
+* ``refcount``: key -> number of live Future objects for it
+* ``_graph``: key -> what computes it (for ``executor.dask``)
+* ``_outbox``: messages waiting to be handed to the batched stream
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import queue
+import sys
+import threading
+import uuid
+import weakref
+from collections import defaultdict, deque
+
+from dask._task_spec import TaskRef
+
+from .batched import BatchedSend
+from .comm import CommClosedError, connect, normalize_address
+from .core import ConnectionPool, RemoteError
+from .protocol import Serialized, deserialize, serialize
+from .utils import (TaskError, find_refs, funcname, register_loop_thread, sync,
+                    unregister_loop_thread, LRU)
+
+logger = logging.getLogger(__name__)
+
+CancelledError = concurrent.futures.CancelledError
+
+PENDING, FINISHED, ERROR, CANCELLED, LOST = "pending", "finished", "error", "cancelled", "lost"
+
+
+class KilledWorker(Exception):
+    """A task was running on workers that died too many times in a row."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of an exception raised on a worker; set as
+    the ``__cause__`` of the re-raised exception, as ``concurrent.futures``
+    does for process pools."""
+
+    def __init__(self, tb):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return "\n\nRemote traceback:\n\"\"\"\n%s\"\"\"" % self.tb
+
+
+_SCHEDULER_ERRORS = {"KilledWorker": KilledWorker, "ValueError": ValueError,
+                     "CancelledError": CancelledError, "CommClosedError": CommClosedError}
+
+
+class FutureState:
+    """What is known about one key: status and, once done, where the data
+    is or what went wrong.  Changed only on the executor's loop."""
+
+    __slots__ = ("status", "exception", "traceback", "type", "workers", "event",
+                 "waiters", "callbacks")
+
+    def __init__(self):
+        self.status = PENDING
+        self.exception = None
+        self.traceback = None
+        self.type = None
+        self.workers = ()
+        self.event = threading.Event()
+        self.waiters = []
+        self.callbacks = []
+
+    def done(self):
+        return self.status in (FINISHED, ERROR, CANCELLED)
+
+    def _set(self, status):
+        self.status = status
+        self.event.set()
+        waiters, self.waiters = self.waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:
+                pass
+        callbacks, self.callbacks = self.callbacks, []
+        for future, fn in callbacks:
+            _run_callback(fn, future)
+
+    def finish(self, workers=(), type=None):
+        self.workers = workers
+        self.type = type
+        self._set(FINISHED)
+
+    def set_error(self, exception, traceback):
+        self.exception = exception
+        self.traceback = traceback
+        self._set(ERROR)
+
+    def cancel(self):
+        if self.status != CANCELLED:
+            self._set(CANCELLED)
+
+    def lost(self):
+        """The data is gone; the scheduler recomputes it."""
+        if self.status == FINISHED:
+            self.status = PENDING
+            self.workers = ()
+            self.event.clear()
+
+    async def wait(self):
+        if self.done():
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.waiters.append((loop, fut))
+        if self.done():  # finished between the check and the append (another thread)
+            return
+        await fut
+
+    def make_exception(self):
+        """A fresh exception object each call: raising one adds frames to its
+        traceback, and a stored exception holding those frames would keep
+        Futures alive (cases/14)."""
+        exc = self.exception
+        if isinstance(exc, Serialized):
+            try:
+                e = deserialize(exc)
+            except Exception as err:
+                e = TaskError("the task failed, and its exception could not be unpickled: %s" % err)
+        elif isinstance(exc, dict):
+            e = _SCHEDULER_ERRORS.get(exc.get("type"), TaskError)(exc.get("text", ""))
+        else:
+            e = TaskError(self.traceback or "task failed")
+        if self.traceback and isinstance(exc, Serialized):
+            e.__cause__ = RemoteTraceback(self.traceback)
+        return e
+
+
+def _resolve(fut):
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _run_callback(fn, future):
+    try:
+        fn(future)
+    except Exception:
+        logger.exception("done-callback %r of %r raised", fn, future)
+
+
+class Future(TaskRef):
+    """A remote result.  ``key`` names it on the cluster.
+
+    ``status`` is one of pending, finished, error, cancelled.  ``result()``
+    waits and returns the value (or raises the task's exception);
+    ``await future`` does the same in async code.  Futures can be passed to
+    ``submit``/``map``: the task then receives the value, and the data never
+    comes to this process.
+    """
+
+    __slots__ = ("executor", "_state", "__weakref__")
+
+    def __init__(self, key, executor, state=None):
+        self.key = key
+        self.executor = executor
+        self._state = executor._ref(key, state)
+
+    # the state is the one of the generation this Future was made in
+    @property
+    def status(self):
+        return self._state.status
+
+    def done(self):
+        return self._state.done()
+
+    def cancelled(self):
+        return self._state.status == CANCELLED
+
+    def result(self, timeout=None):
+        """Wait for the value; raise the task's exception if it failed,
+        ``CancelledError`` if cancelled, ``TimeoutError`` after ``timeout``."""
+        if self.executor.asynchronous:
+            return self._result()
+        if not self._state.event.wait(timeout):
+            raise TimeoutError("result of %r not ready after %s s" % (self.key, timeout))
+        return self.executor._sync(self._result, timeout=timeout)
+
+    async def _result(self, raiseit=True):
+        await self._state.wait()
+        st = self._state
+        if st.status == ERROR:
+            raise st.make_exception()
+        if st.status == CANCELLED:
+            raise CancelledError("%r was cancelled" % (self.key,))
+        return (await self.executor._gather([self]))[0]
+
+    def exception(self, timeout=None):
+        """The exception the task raised (None if it succeeded)."""
+        if not self._state.event.wait(timeout):
+            raise TimeoutError("%r not done after %s s" % (self.key, timeout))
+        if self._state.status == ERROR:
+            return self._state.make_exception()
+        return None
+
+    async def _exception(self):
+        await self._state.wait()
+        return self._state.make_exception() if self._state.status == ERROR else None
+
+    def traceback(self, timeout=None):
+        """The remote traceback of a failed task, as text (None otherwise)."""
+        if not self._state.event.wait(timeout):
+            raise TimeoutError("%r not done after %s s" % (self.key, timeout))
+        return self._state.traceback if self._state.status == ERROR else None
+
+    def cancel(self):
+        """Cancel this key: stop its work if pending and free its data."""
+        self.executor.cancel([self])
+
+    def add_done_callback(self, fn):
+        """Call ``fn(future)`` when done (at once, here, if already done;
+        otherwise on the executor's loop thread)."""
+        st = self._state
+        if st.done():
+            _run_callback(fn, self)
+        else:
+            st.callbacks.append((self, fn))
+            if st.done() and (self, fn) in st.callbacks:
+                st.callbacks.remove((self, fn))
+                _run_callback(fn, self)
+
+    def __await__(self):
+        return self._result().__await__()
+
+    def __dask_tokenize__(self):
+        return (type(self).__name__, self.key)
+
+    def __reduce__(self):
+        return TaskRef, (self.key,)
+
+    def __repr__(self):
+        st = self._state
+        if st.status == FINISHED and st.type:
+            return "<Future: status: finished, type: %s, key: %s>" % (st.type, self.key)
+        return "<Future: status: %s, key: %s>" % (st.status, self.key)
+
+    def __del__(self):
+        try:
+            self.executor._releases.append((self.key, self._state))
+            self.executor._wake_drain()
+        except (AttributeError, RuntimeError):
+            pass  # interpreter shutdown, or half-built
+
+
+def _is_iterator_like(x):
+    return not isinstance(x, (list, tuple, range, dict, set, str, bytes)) and hasattr(x, "__iter__")
+
+
+_current = []  # executors that are set as default, newest last (weakrefs)
+_all_executors = weakref.WeakSet()
+
+
+class Client:
+    """Connect to a cluster and run computations on it.
+
+    ``Executor('127.0.0.1:8786')`` connects to a running scheduler;
+    ``Executor()`` starts a local cluster (a scheduler in this process and
+    one worker process per core) and shuts it down on ``close()``, on leaving
+    a ``with`` block, or at interpreter exit.
+
+    Parameters
+    ----------
+    address: scheduler address (``tcp://host:port`` or ``host:port``), or None
+    start: connect now (default).  With ``start=False``, ``await
+        executor._start()`` from a coroutine connects on the running loop.
+    asynchronous: run on the caller's event loop; use the ``_``-coroutines.
+    timeout: seconds to wait for the scheduler before failing
+    n_workers, threads_per_worker: for the local cluster (default: one
+        single-thread worker per core)
+    set_as_default: make this executor dask's default scheduler until closed
+    """
+
+    asynchronous = False
+
+    def __init__(self, address=None, start=True, timeout=10.0, asynchronous=False,
+                 n_workers=None, threads_per_worker=1, set_as_default=True,
+                 heartbeat_timeout=30.0, **cluster_kwargs):
+        if address is not None and not isinstance(address, str):
+            if hasattr(address, "scheduler_address"):
+                address = address.scheduler_address
+            else:
+                raise TypeError("address must be a string like 'tcp://127.0.0.1:8786', got %r"
+                                % (address,))
+        self.address = normalize_address(address) if address is not None else None
+        self.id = "executor-" + uuid.uuid4().hex
+        self.timeout = timeout
+        self.asynchronous = asynchronous or not start
+        self.n_workers = n_workers
+        self.threads_per_worker = threads_per_worker
+        self.cluster_kwargs = cluster_kwargs
+        self.set_as_default = set_as_default
+        self.heartbeat_timeout = heartbeat_timeout
+        self.futures = {}
+        self.refcount = defaultdict(int)
+        self._graph = {}
+        self._lock = threading.Lock()
+        self._releases = deque()
+        self._outbox = []
+        self._flush_scheduled = False
+        self._drain_scheduled = False
+        self._restart_waiters = {}
+        self._restart_ids = 0
+        self._function_cache = LRU(100)
+        self.cluster = None
+        self.loop = None
+        self._thread = None
+        self.batched = None
+        self.scheduler_comm = None
+        self.pool = None
+        self.status = "newly-created"
+        self._stream_task = None
+        _all_executors.add(self)
+        if start and not asynchronous:
+            self._start_sync()
+
+    # ------------------------------------------------------------ life cycle
+    def _start_sync(self):
+        ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            register_loop_thread(self.loop)
+            ready.set()
+            try:
+                self.loop.run_forever()
+            finally:
+                unregister_loop_thread(self.loop)
+
+        self._thread = threading.Thread(target=run, daemon=True, name="dask-executor-loop")
+        self._thread.start()
+        ready.wait()
+        try:
+            # a local cluster needs time to start its worker processes
+            timeout = self.timeout + (120 if self.address is None else 5)
+            self._sync(self._start, timeout=timeout)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def __await__(self):
+        return self._start().__await__()
+
+    async def _start(self):
+        """Connect (starting a local cluster first if no address was given)."""
+        if self.status == "running":
+            return self
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        self.pool = ConnectionPool(limit=128, timeout=self.timeout)
+        self.status = "connecting"
+        if self.address is None:
+            from .local import LocalCluster
+
+            self.cluster = LocalCluster(n_workers=self.n_workers,
+                                        threads_per_worker=self.threads_per_worker,
+                                        **self.cluster_kwargs)
+            await self.cluster._start()
+            self.address = self.cluster.scheduler_address
+        try:
+            comm = await connect(self.address, timeout=self.timeout)
+            await comm.write({"op": "register-client", "client": self.id})
+            resp = await asyncio.wait_for(comm.read(), self.timeout)
+        except (OSError, CommClosedError, asyncio.TimeoutError) as e:
+            self.status = "closed"
+            if self.cluster is not None:
+                await self.cluster._close()
+            raise OSError("Could not connect to a scheduler at %s within %s s: %s"
+                          % (self.address, self.timeout, e)) from None
+        if not isinstance(resp, dict) or resp.get("status") != "OK":
+            comm.abort()
+            self.status = "closed"
+            if self.cluster is not None:
+                await self.cluster._close()
+            raise OSError("The scheduler at %s refused this executor: %r" % (self.address, resp))
+        self.scheduler_comm = comm
+        self.batched = BatchedSend(interval=0.001, name="executor->scheduler")
+        self.batched.start(comm)
+        self._stream_task = asyncio.ensure_future(self._handle_stream(comm))
+        self.status = "running"
+        if self.set_as_default:
+            _current.append(weakref.ref(self))
+        return self
+
+    def _sync(self, func, *args, timeout=None, **kwargs):
+        if self.asynchronous:
+            return func(*args, **kwargs)
+        if self.loop is None or self.status == "closed":
+            raise RuntimeError("this executor is closed")
+        return sync(self.loop, func, *args, timeout=timeout, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    async def __aenter__(self):
+        await self._start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self._close()
+
+    def __repr__(self):
+        return "<Executor: scheduler=%r, status=%s>" % (self.address, self.status)
+
+    def close(self, timeout=30):
+        """Disconnect, shut down a local cluster, stop the loop thread.
+        Pending futures are cancelled.  Returns within ``timeout`` seconds."""
+        if self.status == "closed":
+            return
+        if self.asynchronous:
+            return self._close()
+        try:
+            sync(self.loop, self._close, timeout=timeout)
+        except (TimeoutError, RuntimeError, OSError) as e:
+            logger.warning("executor close did not finish cleanly: %s", e)
+        finally:
+            self._stop_loop()
+
+    shutdown = close
+
+    def _stop_loop(self):
+        self.status = "closed"
+        loop, thread = self.loop, self._thread
+        if thread is not None and loop is not None and thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            if not thread.is_alive():
+                loop.close()
+
+    async def _close(self):
+        if self.status == "closed":
+            return
+        self.status = "closing"
+        self._remove_default()
+        with self._lock:
+            states = list(self.futures.values())
+        for st in states:
+            if not st.done():
+                st.cancel()
+        if self.batched is not None:
+            try:
+                self._flush()
+                self.batched.send({"op": "close-client"})
+            except CommClosedError:
+                pass
+            await self.batched.close(timeout=2)
+        if self._stream_task is not None:
+            self._stream_task.cancel()
+        if self.pool is not None:
+            self.pool.close()
+        if self.cluster is not None:
+            await self.cluster._close()
+        self.status = "closed"
+
+    def _remove_default(self):
+        _current[:] = [r for r in _current if r() is not None and r() is not self]
+
+    # ------------------------------------------------------------ messages to the scheduler
+    def _send(self, *msgs):
+        """Queue messages for the scheduler, in order, from any thread.
+        Call with ``_lock`` held."""
+        if self.status not in ("running", "connecting"):
+            raise RuntimeError("this executor is %s" % self.status)
+        self._outbox.extend(msgs)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self):
+        with self._lock:
+            self._drain_locked()
+            msgs, self._outbox = self._outbox, []
+            self._flush_scheduled = False
+        if msgs and self.batched is not None and not self.batched.closing:
+            self.batched.send(*msgs)
+
+    def _wake_drain(self):
+        if not self._drain_scheduled and self.loop is not None and self.status == "running":
+            self._drain_scheduled = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self):
+        self._drain_scheduled = False
+        with self._lock:
+            n = self._drain_locked()
+        if n:
+            self._flush()
+
+    def _drain_locked(self):
+        """Apply the decrements left by ``Future.__del__``."""
+        released = []
+        while self._releases:
+            key, st = self._releases.popleft()
+            if self.futures.get(key) is not st:
+                continue  # a Future from before a restart or cancel
+            self.refcount[key] -= 1
+            if self.refcount[key] <= 0:
+                del self.refcount[key]
+                del self.futures[key]
+                self._graph.pop(key, None)
+                released.append(key)
+        if released and self.status == "running":
+            self._outbox.append({"op": "client-releases-keys", "keys": released})
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon_threadsafe(self._flush)
+        return len(released)
+
+    def _ref(self, key, state=None):
+        """Count one more Future for ``key``; returns its FutureState."""
+        with self._lock:
+            st = self.futures.get(key)
+            if st is None:
+                st = state if state is not None else FutureState()
+                self.futures[key] = st
+            self.refcount[key] += 1
+            return st
+
+    # ------------------------------------------------------------ messages from the scheduler
+    async def _handle_stream(self, comm):
+        handlers = {
+            "key-in-memory": self._on_key_in_memory,
+            "task-erred": self._on_task_erred,
+            "lost-data": self._on_lost_data,
+            "cancelled-keys": self._on_cancelled_keys,
+            "restart": self._on_restart,
+            "restart-done": self._on_restart_done,
+        }
+        try:
+            while True:
+                msgs = await comm.read()
+                for msg in msgs:
+                    op = msg.pop("op")
+                    handler = handlers.get(op)
+                    if handler is None:
+                        logger.warning("executor: unknown message %r from the scheduler", op)
+                        continue
+                    handler(**msg)
+        except (CommClosedError, asyncio.CancelledError):
+            pass
+        if self.status == "running":
+            logger.error("executor lost its connection to the scheduler at %s", self.address)
+            self._on_scheduler_lost()
+
+    def _on_scheduler_lost(self):
+        """Nothing will report on pending keys any more: fail them with a
+        clear error rather than letting anyone wait forever."""
+        self.status = "disconnected"
+        text = {"type": "CommClosedError",
+                "text": "the connection to the scheduler at %s was lost" % self.address}
+        with self._lock:
+            states = list(self.futures.values())
+        for st in states:
+            if not st.done():
+                st.set_error(text, None)
+        for fut in self._restart_waiters.values():
+            if not fut.done():
+                fut.set_exception(OSError("lost the scheduler during restart"))
+
+    def _on_key_in_memory(self, key, nbytes=-1, type=None, workers=()):
+        st = self.futures.get(key)
+        if st is not None:
+            st.finish(workers, type)
+
+    def _on_task_erred(self, key, exception=None, traceback=None):
+        st = self.futures.get(key)
+        if st is not None:
+            st.set_error(exception, traceback)
+
+    def _on_lost_data(self, key):
+        st = self.futures.get(key)
+        if st is not None:
+            st.lost()
+
+    def _on_cancelled_keys(self, keys):
+        for key in keys:
+            st = self.futures.get(key)
+            if st is not None and st.status != CANCELLED:
+                with self._lock:
+                    if self.futures.get(key) is st:
+                        del self.futures[key]
+                        self.refcount.pop(key, None)
+                        self._graph.pop(key, None)
+                st.cancel()
+
+    def _on_restart(self):
+        self._cancel_all()
+
+    def _on_restart_done(self, id, status="OK", text=""):
+        fut = self._restart_waiters.pop(id, None)
+        if fut is not None and not fut.done():
+            if status == "OK":
+                fut.set_result(None)
+            else:
+                fut.set_exception(RuntimeError(text))
+
+    def _cancel_all(self):
+        with self._lock:
+            states = list(self.futures.values())
+            self.futures.clear()
+            self.refcount.clear()
+            self._graph.clear()
+            self._releases.clear()
+        for st in states:
+            st.cancel()
+
+    # ------------------------------------------------------------ submitting
+    def _dumps_function(self, func):
+        entry = self._function_cache.get(id(func))
+        if entry is not None and entry[0] is func:
+            return entry[1]
+        payload = serialize(func)
+        if payload.frames:
+            payload = serialize(func)  # functions have no big buffers; keep it one bytes
+        data = bytes(payload.header)
+        self._function_cache[id(func)] = (func, data)
+        return data
+
+    def _check_refs(self, refs, batch):
+        deps = []
+        for ref in refs:
+            if isinstance(ref, Future) and ref.executor is not self:
+                raise ValueError("Future %r belongs to another executor" % (ref.key,))
+            if ref.key not in self.futures and ref.key not in batch:
+                raise ValueError("Future %r was released or cancelled" % (ref.key,))
+            deps.append(ref.key)
+        return deps
+
+    def submit(self, func, *args, key=None, pure=True, workers=None, retries=None,
+               priority=0, allow_other_workers=False, **kwargs):
+        """Run ``func(*args, **kwargs)`` on the cluster; returns a Future at once.
+
+        The key is ``funcname-<token>``: the token comes from the function and
+        all inputs (``dask.base.tokenize``), so the same call gives the same
+        key anywhere and is computed once.  ``pure=False`` gives a fresh key.
+        ``workers``: addresses, names or hosts the task may run on.
+        ``retries``: re-run the task up to this many times if it raises.
+        ``priority``: higher runs earlier.
+        """
+        if not callable(func):
+            raise TypeError("submit expects a callable, got %r" % (func,))
+        if key is None:
+            if pure:
+                from dask.base import tokenize
+
+                key = "%s-%s" % (funcname(func), tokenize(func, kwargs, *args))
+            else:
+                key = "%s-%s" % (funcname(func), uuid.uuid4().hex)
+        existing = self.futures.get(key)
+        if existing is not None and existing.status != CANCELLED:
+            return Future(key, self)
+        refs = find_refs((args, kwargs), [])
+        spec = {"function": self._dumps_function(func)}
+        if args:
+            spec["args"] = serialize(args)
+        if kwargs:
+            spec["kwargs"] = serialize(kwargs)
+        return self._submit_tasks({key: spec}, {key: refs}, [key], {key: (func, args, kwargs)},
+                                  workers=workers, retries=retries, priority=priority)[0]
+
+    def _submit_tasks(self, specs, refs, keys, graph, workers=None, retries=None, priority=0,
+                      orders=None):
+        """Send tasks to the scheduler and return Futures for ``keys``."""
+        if isinstance(workers, str):
+            workers = [workers]
+        with self._lock:
+            self._drain_locked()
+            new_specs, deps = {}, {}
+            for key, spec in specs.items():
+                st = self.futures.get(key)
+                if st is not None and st.status != CANCELLED:
+                    continue  # known and alive: reuse
+                new_specs[key] = spec
+                deps[key] = self._check_refs(refs.get(key, ()), specs)
+            futures = []
+            for key in keys:
+                st = self.futures.get(key)
+                if st is None or st.status == CANCELLED:
+                    st = self.futures[key] = FutureState()
+                    self.refcount[key] = 0
+                self.refcount[key] += 1
+                futures.append(Future.__new__(Future))
+            for key, g in graph.items():
+                if key in new_specs:
+                    self._graph[key] = g
+            msg = {"op": "update-graph", "tasks": new_specs,
+                   "dependencies": deps, "keys": list(dict.fromkeys(keys)),
+                   "user_priority": priority}
+            if orders:
+                msg["priority"] = orders
+            if workers is not None:
+                msg["restrictions"] = {k: list(workers) for k in new_specs}
+            if retries:
+                msg["retries"] = {k: retries for k in new_specs}
+            self._send(msg)
+        # Future.__init__ would take the lock again; fill them in directly
+        for fut, key in zip(futures, keys):
+            fut.key = key
+            fut.executor = self
+            fut._state = self.futures[key]
+        return futures
+
+    def map(self, func, *iterables, key=None, pure=True, workers=None, retries=None,
+            priority=0, **kwargs):
+        """``submit`` once per element: returns a list of Futures.
+
+        Keyword arguments are passed whole to every call (a Future among
+        them is replaced by its value on the worker).  Iterators are
+        consumed into lists first.
+        """
+        if not callable(func):
+            raise TypeError("map expects a callable, got %r" % (func,))
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
+        seqs = [list(it) for it in iterables]
+        n = min(len(s) for s in seqs)
+        arg_tuples = [tuple(s[i] for s in seqs) for i in range(n)]
+        name = funcname(func)
+        if key is not None:
+            keys = list(key) if not isinstance(key, str) else ["%s-%d" % (key, i) for i in range(n)]
+        elif pure:
+            from dask.base import tokenize
+
+            base = tokenize(func, kwargs)
+            keys = ["%s-%s" % (name, tokenize(base, *args)) for args in arg_tuples]
+        else:
+            keys = ["%s-%s" % (name, uuid.uuid4().hex) for _ in range(n)]
+        fbytes = self._dumps_function(func)
+        kw_refs = find_refs(kwargs, []) if kwargs else []
+        kw_ser = serialize(kwargs) if kwargs else None
+        specs, refs, graph = {}, {}, {}
+        for k, args in zip(keys, arg_tuples):
+            if k in specs:
+                continue
+            spec = {"function": fbytes, "args": serialize(args)}
+            if kw_ser is not None:
+                spec["kwargs"] = kw_ser
+            specs[k] = spec
+            refs[k] = find_refs(args, list(kw_refs))
+            graph[k] = (func, args, kwargs)
+        return self._submit_tasks(specs, refs, keys, graph, workers=workers, retries=retries,
+                                  priority=priority)
+
+    # ------------------------------------------------------------ gathering
+    def gather(self, futures, errors="raise", timeout=None):
+        """Values of ``futures`` (a Future, or lists/tuples/dicts of them),
+        in the same structure.  Raises the first failed task's exception."""
+        return self._sync(self._gather, futures, errors=errors, timeout=timeout)
+
+    async def _gather(self, futures, errors="raise"):
+        flat = []
+        _collect_futures(futures, flat)
+        keys = list(dict.fromkeys(f.key for f in flat))
+        states = {}
+        for f in flat:
+            states.setdefault(f.key, f._state)
+        data = {}
+        for attempt in range(100):
+            for key in keys:
+                await states[key].wait()
+            for f in flat:
+                st = f._state
+                if st.status == ERROR and errors == "raise":
+                    raise st.make_exception()
+                if st.status == CANCELLED and errors == "raise":
+                    raise CancelledError("%r was cancelled" % (f.key,))
+            need = [k for k in keys if k not in data and states[k].status == FINISHED]
+            lost = await self._fetch(need, states, data)
+            if not lost:
+                break
+            for key in lost:
+                states[key].lost()
+            await asyncio.sleep(min(0.01 * 2 ** attempt, 1.0))
+        else:
+            raise RuntimeError("could not gather %d keys: their data keeps vanishing" % len(lost))
+        return _pack(futures, data, errors)
+
+    async def _fetch(self, keys, states, data):
+        """Fetch ``keys`` from the workers holding them into ``data``;
+        returns the keys no worker had."""
+        if not keys:
+            return []
+        by_worker = defaultdict(list)
+        unknown = []
+        for key in keys:
+            workers = states[key].workers
+            if workers:
+                by_worker[workers[0]].append(key)
+            else:
+                unknown.append(key)
+        missing = list(unknown)
+        results = await asyncio.gather(
+            *[self._get_data(w, ks) for w, ks in by_worker.items()], return_exceptions=True)
+        for (worker, ks), res in zip(by_worker.items(), results):
+            if isinstance(res, BaseException):
+                if isinstance(res, (OSError, CommClosedError, RemoteError, asyncio.TimeoutError)):
+                    missing.extend(ks)
+                    continue
+                raise res
+            got, gone, errors = res
+            if errors:
+                key, text = next(iter(errors.items()))
+                raise TypeError(text)
+            for key, s in got.items():
+                data[key] = deserialize(s)
+            missing.extend(gone)
+        if not missing:
+            return []
+        who_has = await self.pool.rpc(self.address).who_has(keys=missing)
+        lost = []
+        for key in missing:
+            holders = who_has.get(key) or []
+            if holders:
+                states[key].workers = list(holders)[::-1] if len(holders) > 1 else holders
+            else:
+                lost.append(key)
+        retry = [k for k in missing if k not in lost]
+        if retry:
+            lost.extend(await self._fetch_once(retry, states, data))
+        return lost
+
+    async def _fetch_once(self, keys, states, data):
+        lost = []
+        for key in keys:
+            worker = states[key].workers[0]
+            try:
+                got, gone, errors = await self._get_data(worker, [key])
+            except (OSError, CommClosedError, RemoteError, asyncio.TimeoutError):
+                lost.append(key)
+                continue
+            if errors:
+                raise TypeError(errors[key])
+            if key in got:
+                data[key] = deserialize(got[key])
+            else:
+                lost.append(key)
+        return lost
+
+    async def _get_data(self, worker, keys):
+        resp = await self.pool.rpc(worker).get_data(keys=keys)
+        return resp["data"], resp.get("missing", []), resp.get("errors", {})
+
+    # ------------------------------------------------------------ other operations
+    def cancel(self, futures):
+        """Cancel futures: pending work stops, data is freed, and every
+        Future for those keys reports ``cancelled``."""
+        flat = []
+        _collect_futures(futures, flat)
+        keys = list(dict.fromkeys(f.key for f in flat))
+        with self._lock:
+            states = []
+            for key in keys:
+                st = self.futures.pop(key, None)
+                if st is not None:
+                    self.refcount.pop(key, None)
+                    self._graph.pop(key, None)
+                    states.append(st)
+            if keys and self.status == "running":
+                self._send({"op": "cancel-keys", "keys": keys})
+        for st in states:
+            self.loop.call_soon_threadsafe(st.cancel) if not self.asynchronous else st.cancel()
+        for f in flat:
+            if not self.asynchronous:
+                f._state.event.wait(5)
+
+    async def _cancel(self, futures):
+        self.cancel(futures)
+
+    def restart(self, timeout=120):
+        """Forget every task, restart every worker process; every existing
+        Future is cancelled.  Returns once the workers are back."""
+        return self._sync(self._restart, timeout=timeout)
+
+    async def _restart(self, timeout=120):
+        self._cancel_all()
+        self._restart_ids += 1
+        rid = self._restart_ids
+        fut = asyncio.get_running_loop().create_future()
+        self._restart_waiters[rid] = fut
+        with self._lock:
+            self._send({"op": "restart", "id": rid})
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._restart_waiters.pop(rid, None)
+        return self
+
+    def ncores(self):
+        """Worker address -> number of threads."""
+        return self._sync(self._ncores)
+
+    nthreads = ncores
+
+    async def _ncores(self):
+        return await self.pool.rpc(self.address).ncores()
+
+    def who_has(self, futures=None):
+        """Key -> addresses of the workers holding its data."""
+        return self._sync(self._who_has, futures)
+
+    async def _who_has(self, futures=None):
+        keys = None
+        if futures is not None:
+            flat = []
+            _collect_futures(futures, flat)
+            keys = [f.key for f in flat]
+        return await self.pool.rpc(self.address).who_has(keys=keys)
+
+    def has_what(self):
+        """Worker address -> keys it holds."""
+        return self._sync(self._has_what)
+
+    async def _has_what(self):
+        return await self.pool.rpc(self.address).has_what()
+
+    def processing(self):
+        return self._sync(self._processing)
+
+    async def _processing(self):
+        return await self.pool.rpc(self.address).processing()
+
+    def scheduler_info(self):
+        return self._sync(self._scheduler_info)
+
+    async def _scheduler_info(self):
+        return await self.pool.rpc(self.address).scheduler_info()
+
+    @property
+    def dask(self):
+        """The graph of every computation this executor holds: key -> task,
+        in dask's task-spec form."""
+        from dask._task_spec import Task
+
+        with self._lock:
+            items = list(self._graph.items())
+        out = {}
+        for key, g in items:
+            if isinstance(g, tuple):
+                func, args, kwargs = g
+                out[key] = Task(key, func, *args, **kwargs)
+            else:
+                out[key] = g
+        return out
+
+    # ------------------------------------------------------------ dask graphs
+    def _graph_to_futures(self, dsk, keys, priority=0, workers=None, retries=None):
+        from .graph import prepare_graph
+
+        with self._lock:
+            known = set(self.futures)
+        nodes, deps, order = prepare_graph(dsk, keys, known_keys=known)
+        specs, refs = {}, {}
+        for key, node in nodes.items():
+            if key in known:
+                continue
+            specs[key] = {"task": serialize(node)}
+            refs[key] = [TaskRef(d) for d in deps[key]]
+        flat = list(_flatten_keys(keys))
+        return self._submit_tasks(specs, refs, flat, dict(nodes), workers=workers,
+                                  retries=retries, priority=priority, orders=order)
+
+    def get(self, dsk, keys, **kwargs):
+        """Compute a dask graph on the cluster: ``keys`` may be a key or
+        (nested) lists of keys; the result has the same nesting.  Extra
+        keyword arguments that dask's local schedulers take are ignored."""
+        futures = self._graph_to_futures(dsk, keys, priority=kwargs.get("priority", 0),
+                                         workers=kwargs.get("workers"),
+                                         retries=kwargs.get("retries"))
+        try:
+            by_key = dict(zip(_flatten_keys(keys), futures))
+            values = self.gather(list(by_key.values()))
+            results = dict(zip(by_key, values))
+        finally:
+            # hold nothing once we return: a new graph reusing these key
+            # names must be computed afresh (cases/06)
+            del futures
+            by_key = None
+            with self._lock:
+                self._drain_locked()
+        return _nest(keys, results)
+
+    async def _get(self, dsk, keys, **kwargs):
+        futures = self._graph_to_futures(dsk, keys)
+        by_key = dict(zip(_flatten_keys(keys), futures))
+        values = await self._gather(list(by_key.values()))
+        results = dict(zip(by_key, values))
+        del futures, by_key
+        return _nest(keys, results)
+
+    def compute(self, *collections, optimize_graph=True, priority=0, workers=None, retries=None):
+        """Start computing dask collections; returns one Future per
+        collection at once (a single Future for a single collection, a list
+        for several or for a list)."""
+        single = len(collections) == 1 and not isinstance(collections[0], (list, tuple))
+        if len(collections) == 1 and isinstance(collections[0], (list, tuple)):
+            collections = tuple(collections[0])
+        from dask.base import collections_to_expr, is_dask_collection
+        from dask._expr import FinalizeCompute
+
+        out = [None] * len(collections)
+        colls, idx = [], []
+        for i, c in enumerate(collections):
+            if is_dask_collection(c):
+                colls.append(c)
+                idx.append(i)
+            else:
+                out[i] = c
+        if colls:
+            expr = FinalizeCompute(collections_to_expr(colls, optimize_graph)).optimize()
+            keys = [list(_flatten_keys(k))[0] for k in expr.__dask_keys__()]
+            futures = self._graph_to_futures(expr, keys, priority=priority, workers=workers,
+                                             retries=retries)
+            for i, f in zip(idx, futures):
+                out[i] = f
+        return out[0] if single else out
+
+    def persist(self, collections, optimize_graph=True, priority=0, workers=None, retries=None):
+        """Start computing collections and return equivalent collections
+        backed by futures (keep them to keep the data on the cluster)."""
+        single = not isinstance(collections, (list, tuple))
+        colls = [collections] if single else list(collections)
+        from dask.base import collections_to_expr
+
+        expr = collections_to_expr(colls, optimize_graph).optimize()
+        key_lists = expr.__dask_keys__()
+        if len(colls) == 1 and not isinstance(collections, (list, tuple)):
+            pass
+        flat = list(_flatten_keys(key_lists))
+        futures = self._graph_to_futures(expr, flat, priority=priority, workers=workers,
+                                         retries=retries)
+        fmap = dict(zip(flat, futures))
+        out = []
+        for coll in colls:
+            rebuild, args = coll.__dask_postpersist__()
+            ks = list(_flatten_keys(coll.__dask_keys__()))
+            out.append(rebuild({k: fmap[k] for k in ks if k in fmap}, *args))
+        return out[0] if single else out
+
+
+Executor = Client
+
+
+def _flatten_keys(keys):
+    if isinstance(keys, list):
+        for k in keys:
+            yield from _flatten_keys(k)
+    else:
+        yield keys
+
+
+def _nest(keys, results):
+    if isinstance(keys, list):
+        return [_nest(k, results) for k in keys]
+    return results[keys]
+
+
+def _collect_futures(obj, out):
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for o in obj:
+            _collect_futures(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _collect_futures(o, out)
+    elif _is_iterator_like(obj):
+        raise TypeError("gather expects futures or lists/tuples/dicts of them, got %s"
+                        % type(obj).__name__)
+
+
+def _pack(obj, data, errors):
+    if isinstance(obj, Future):
+        return data[obj.key]
+    if isinstance(obj, list):
+        return [_pack(o, data, errors) for o in obj
+                if not (errors == "skip" and isinstance(o, Future) and o.key not in data)]
+    if isinstance(obj, tuple):
+        return tuple(_pack(o, data, errors) for o in obj)
+    if isinstance(obj, (set, frozenset)):
+        return type(obj)(_pack(o, data, errors) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _pack(v, data, errors) for k, v in obj.items()
+                if not (errors == "skip" and isinstance(v, Future) and v.key not in data)}
+    return obj
+
+
+# ---------------------------------------------------------------- module functions
+class as_completed:
+    """Iterate over futures in the order they finish (failed and cancelled
+    ones included).  A future given twice is yielded twice.  More can be
+    added with ``add`` while iterating.  ``timeout`` bounds each wait.
+
+    >>> for future in as_completed(futures):   # doctest: +SKIP
+    ...     print(future.result())
+    """
+
+    def __init__(self, futures=(), with_results=False, timeout=None):
+        self.queue = queue.Queue()
+        self.count = 0
+        self.lock = threading.Lock()
+        self.with_results = with_results
+        self.timeout = timeout
+        for f in futures:
+            self.add(f)
+
+    def add(self, future):
+        with self.lock:
+            self.count += 1
+        future.add_done_callback(self.queue.put)
+
+    def update(self, futures):
+        for f in futures:
+            self.add(f)
+
+    def is_empty(self):
+        return self.count == 0
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.lock:
+            if self.count == 0:
+                raise StopIteration
+        try:
+            f = self.queue.get(timeout=self.timeout)
+        except queue.Empty:
+            raise TimeoutError("no future finished within %s s" % self.timeout) from None
+        with self.lock:
+            self.count -= 1
+        if self.with_results:
+            return f, f.result()
+        return f
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        with self.lock:
+            if self.count == 0:
+                raise StopAsyncIteration
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        while True:
+            try:
+                f = self.queue.get_nowait()
+                break
+            except queue.Empty:
+                if deadline is not None and loop.time() > deadline:
+                    raise TimeoutError("no future finished within %s s" % self.timeout) from None
+                await asyncio.sleep(0.002)
+        with self.lock:
+            self.count -= 1
+        if self.with_results:
+            return f, await f._result()
+        return f
+
+
+def wait(fs, timeout=None, return_when="ALL_COMPLETED"):
+    """Wait until futures are done, like ``concurrent.futures.wait``:
+    returns ``(done, not_done)`` sets.  Accepts dask collections (waits on
+    the futures inside them)."""
+    flat = futures_of(fs) if not isinstance(fs, Future) else [fs]
+    if flat and flat[0].executor.asynchronous:
+        return _wait(flat, timeout, return_when)
+    done_event = threading.Event()
+    pending = set(flat)
+    lock = threading.Lock()
+
+    def on_done(f):
+        with lock:
+            pending.discard(f)
+            if return_when == "FIRST_COMPLETED" or not pending:
+                done_event.set()
+            elif return_when == "FIRST_EXCEPTION" and f.status == ERROR:
+                done_event.set()
+
+    for f in flat:
+        f.add_done_callback(on_done)
+    if flat and not done_event.wait(timeout):
+        if return_when == "ALL_COMPLETED":
+            raise TimeoutError("%d futures not done after %s s" % (len(pending), timeout))
+    done = {f for f in flat if f.done()}
+    return concurrent.futures._base.DoneAndNotDoneFutures(done, set(flat) - done)
+
+
+async def _wait(flat, timeout=None, return_when="ALL_COMPLETED"):
+    tasks = [asyncio.ensure_future(f._state.wait()) for f in flat]
+    if tasks:
+        when = {"ALL_COMPLETED": asyncio.ALL_COMPLETED, "FIRST_COMPLETED": asyncio.FIRST_COMPLETED,
+                "FIRST_EXCEPTION": asyncio.ALL_COMPLETED}[return_when]
+        await asyncio.wait(tasks, timeout=timeout, return_when=when)
+    done = {f for f in flat if f.done()}
+    return concurrent.futures._base.DoneAndNotDoneFutures(done, set(flat) - done)
+
+
+def futures_of(obj):
+    """Every Future inside ``obj`` (nested lists, tuples, dicts, dask
+    collections)."""
+    out = []
+    seen = set()
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Future):
+            if id(x) not in seen:
+                seen.add(id(x))
+                out.append(x)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif hasattr(x, "__dask_graph__"):
+            try:
+                graph = x.__dask_graph__()
+            except Exception:
+                continue
+            for v in dict(graph).values():
+                if isinstance(v, Future):
+                    stack.append(v)
+                else:
+                    stack.extend(getattr(v, "dependencies", ()) and [] or [])
+                    for ref in _refs_in(v):
+                        stack.append(ref)
+    return out[::-1]
+
+
+def _refs_in(v):
+    from dask._task_spec import Alias, DataNode
+
+    if isinstance(v, Future):
+        return [v]
+    if isinstance(v, DataNode) and isinstance(v.value, Future):
+        return [v.value]
+    if isinstance(v, Alias):
+        return []
+    return []
+
+
+def default_client():
+    """The newest open executor that is set as default; ValueError if none."""
+    for ref in reversed(_current):
+        ex = ref()
+        if ex is not None and ex.status == "running":
+            return ex
+    raise ValueError("No Executor found. Start one with `Executor()`.")
+
+
+def get_client(address=None, timeout=None):
+    """The default executor (dask calls this to find a cluster);
+    ValueError when there is none."""
+    return default_client()
+
+
+def _current_executor(allow_global=True):
+    return default_client()
+
+
+Client.current = staticmethod(_current_executor)
+
+
+def _close_all():
+    for ex in list(_all_executors):
+        try:
+            if ex.status not in ("closed",) and not ex.asynchronous:
+                ex.close(timeout=10)
+        except Exception:  # exit must go on
+            pass
+
+
+atexit.register(_close_all)
+
+__all__ = ["Executor", "Client", "Future", "as_completed", "wait", "futures_of",
+           "default_client", "get_client", "KilledWorker", "CancelledError", "sys"]
