@@ -1,0 +1,1 @@
+"""Test configuration shared by tests/ (markers live in pytest.ini)."""
