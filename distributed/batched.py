@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 class BatchedSend:
     """Batch messages to one ``Comm``.
 
-    >>> bs = BatchedSend(interval=0.002)       # doctest: +SKIP
+    >>> bs = BatchedSend(interval=0)       # doctest: +SKIP
     >>> bs.start(comm)                          # doctest: +SKIP
     >>> bs.send({'op': 'task-finished', 'key': 'x'})   # doctest: +SKIP
     """

@@ -175,7 +175,7 @@ class Scheduler(Server):
             await comm.write({"status": "error", "text": "a worker named %r is already registered" % name})
             return NO_REPLY
         await comm.write({"status": "OK", "address": self.address})
-        bs = BatchedSend(interval=0.002, name="scheduler->%s" % address)
+        bs = BatchedSend(interval=0, name="scheduler->%s" % address)
         bs.start(comm)
         self.worker_streams[address] = bs
         self.last_seen[address] = self.loop.time()
@@ -200,9 +200,9 @@ class Scheduler(Server):
             logger.info("worker left: %s", address)
             self._stimulus(self.state.stimulus_remove_worker, address)
 
-    def _worker_task_finished(self, worker, key, run_id, nbytes=-1, type=None):
+    def _worker_task_finished(self, worker, key, run_id, nbytes=-1, type=None, data=None):
         self.last_seen[worker] = self.loop.time()
-        self._stimulus(self.state.stimulus_task_finished, key, worker, run_id, nbytes, type)
+        self._stimulus(self.state.stimulus_task_finished, key, worker, run_id, nbytes, type, data)
 
     def _worker_task_erred(self, worker, key, run_id, exception=None, traceback=None):
         self.last_seen[worker] = self.loop.time()
@@ -233,7 +233,7 @@ class Scheduler(Server):
     # ------------------------------------------------------------ clients
     async def handle_register_client(self, comm, client):
         await comm.write({"status": "OK", "address": self.address})
-        bs = BatchedSend(interval=0.002, name="scheduler->client")
+        bs = BatchedSend(interval=0, name="scheduler->client")
         bs.start(comm)
         old = self.client_streams.pop(client, None)
         if old is not None:

@@ -314,6 +314,8 @@ class SchedulerState:
             "op": "compute-task", "key": ts.key, "run_spec": ts.run_spec,
             "priority": ts.priority, "run_id": ts.run_id,
             "who_has": who_has, "nbytes": nbytes,
+            # a client waits for it: send small results along (saves a fetch)
+            "report": bool(ts.who_wants),
         })
 
     def _valid_workers(self, ts):
@@ -355,7 +357,7 @@ class SchedulerState:
         ts.state = WAITING
         return self._transition_waiting_released(ts)
 
-    def _transition_processing_memory(self, ts, worker=None, nbytes=-1, type=None):
+    def _transition_processing_memory(self, ts, worker=None, nbytes=-1, type=None, data=None):
         ws = ts.processing_on
         ws.processing.discard(ts)
         ts.processing_on = None
@@ -374,8 +376,11 @@ class SchedulerState:
             if not self._needed(dts) and dts.state == MEMORY:
                 recs[dts] = RELEASED
         if ts.who_wants:
-            self._report(ts, {"op": "key-in-memory", "key": ts.key, "nbytes": nbytes,
-                              "type": type, "workers": [ws.address]})
+            msg = {"op": "key-in-memory", "key": ts.key, "nbytes": nbytes,
+                   "type": type, "workers": [ws.address]}
+            if data is not None:
+                msg["data"] = data  # forwarded, never kept or unpickled here
+            self._report(ts, msg)
         elif not ts.waiters:
             recs[ts] = RELEASED
         return recs
@@ -693,7 +698,7 @@ class SchedulerState:
         self._transitions(recs)
         return self._flush()
 
-    def stimulus_task_finished(self, key, worker, run_id, nbytes=-1, type=None):
+    def stimulus_task_finished(self, key, worker, run_id, nbytes=-1, type=None, data=None):
         ts = self.tasks.get(key)
         ws = self.workers.get(worker)
         if ws is None:
@@ -707,7 +712,7 @@ class SchedulerState:
                 self._to_workers[worker].append({"op": "free-keys", "keys": [key], "run_id": run_id})
             return self._flush()
         self.log.append(("task-finished", key, worker))
-        recs = self._transition(ts, MEMORY, nbytes=nbytes, type=type)
+        recs = self._transition(ts, MEMORY, nbytes=nbytes, type=type, data=data)
         self._transitions(recs)
         return self._flush()
 

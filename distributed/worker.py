@@ -32,6 +32,10 @@ from .worker_state import FLIGHT, WorkerState
 logger = logging.getLogger(__name__)
 
 _function_cache = LRU(1000)
+
+#: Results up to this size travel with ``task-finished`` to the client that
+#: waits for them, saving it a round trip to fetch them.
+INLINE_RESULT_BYTES = 16 * 1024
 _function_lock = threading.Lock()
 
 
@@ -163,7 +167,7 @@ class Worker(Server):
             comm.abort()
             raise ValueError("scheduler refused registration: %s" % (resp,))
         self.scheduler_comm = comm
-        self.batched = BatchedSend(interval=0.002, name="worker->scheduler")
+        self.batched = BatchedSend(interval=0, name="worker->scheduler")
         self.batched.start(comm)
         self._spawn(self._scheduler_stream(comm))
 
@@ -245,8 +249,10 @@ class Worker(Server):
                 for key in inst[1]:
                     self.data.pop(key, None)
 
-    def _compute_task(self, key, run_spec, priority, run_id, who_has=None, nbytes=None):
-        self._run(self.state.stimulus_compute_task(key, run_spec, priority, run_id, who_has, nbytes))
+    def _compute_task(self, key, run_spec, priority, run_id, who_has=None, nbytes=None,
+                      report=False):
+        self._run(self.state.stimulus_compute_task(key, run_spec, priority, run_id, who_has,
+                                                   nbytes, report))
 
     def _free_keys(self, keys, run_id=None):
         self._run(self.state.stimulus_free_keys(keys, run_id))
@@ -283,7 +289,17 @@ class Worker(Server):
             return
         if ok:
             self.data[key] = value
-            self._run(self.state.stimulus_execute_done(key, None, True, nbytes=nbytes, type=type_name))
+            data = None
+            wt = self.state.tasks.get(key)
+            if wt is not None and wt.report and nbytes <= INLINE_RESULT_BYTES:
+                try:
+                    data = serialize(value)
+                except TypeError:
+                    data = None  # the client's fetch will report the error
+                if data is not None and data.nbytes > INLINE_RESULT_BYTES:
+                    data = None
+            self._run(self.state.stimulus_execute_done(key, None, True, nbytes=nbytes,
+                                                       type=type_name, data=data))
         else:
             exc, text = pack_exception(value)
             self._run(self.state.stimulus_execute_done(

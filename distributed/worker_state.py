@@ -30,6 +30,7 @@ State:
 * ``ready``: heap of ``(priority, counter, key)`` of tasks ready to run
 * ``executing``: set of keys running in threads
 * ``in_flight``: peer address -> set of keys being fetched from it
+* ``to_fetch``: keys in ``fetch`` (may hold stale keys; checked on use)
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class WTask:
     * ``who_has``: peers to fetch it from (for FETCH/FLIGHT)
     """
 
-    __slots__ = ("key", "state", "run_spec", "priority", "run_id", "owned",
+    __slots__ = ("key", "state", "run_spec", "priority", "run_id", "owned", "report",
                  "dependencies", "waiting_for", "dependents", "who_has", "tried", "nbytes")
 
     def __init__(self, key, state):
@@ -66,6 +67,7 @@ class WTask:
         self.priority = None
         self.run_id = None
         self.owned = False
+        self.report = False
         self.dependencies = set()
         self.waiting_for = set()
         self.dependents = set()
@@ -89,6 +91,7 @@ class WorkerState:
         self.ready = []
         self.executing = set()
         self.in_flight = {}
+        self.to_fetch = set()
         self.paused = False
         self._counter = 0
         self.log = deque(maxlen=10000)
@@ -124,8 +127,10 @@ class WorkerState:
         if len(self.in_flight) >= self.max_fetches:
             return
         by_peer = {}
-        for wt in self.tasks.values():
-            if wt.state != FETCH:
+        for key in list(self.to_fetch):
+            wt = self.tasks.get(key)
+            if wt is None or wt.state != FETCH:
+                self.to_fetch.discard(key)
                 continue
             peers = [p for p in wt.who_has if p not in wt.tried] or []
             if not peers:
@@ -141,6 +146,7 @@ class WorkerState:
             keys = []
             for wt in wts:
                 wt.state = FLIGHT
+                self.to_fetch.discard(wt.key)
                 keys.append(wt.key)
             self.in_flight[peer] = set(keys)
             out.append(("gather", peer, keys))
@@ -167,7 +173,8 @@ class WorkerState:
         self._release_if_unneeded(wt, out)
 
     # ------------------------------------------------------------ stimuli
-    def stimulus_compute_task(self, key, run_spec, priority, run_id, who_has=None, nbytes=None):
+    def stimulus_compute_task(self, key, run_spec, priority, run_id, who_has=None, nbytes=None,
+                              report=False):
         self.log.append(("compute-task", key, run_id))
         out = []
         wt = self.tasks.get(key)
@@ -194,6 +201,7 @@ class WorkerState:
             wt.who_has = []
         wt.state = WAITING
         wt.run_spec = run_spec
+        wt.report = report
         wt.priority = priority
         wt.run_id = run_id
         wt.owned = True
@@ -201,6 +209,8 @@ class WorkerState:
         wt.waiting_for = set()
         for dep, peers in (who_has or {}).items():
             dwt = self._ensure(dep, FETCH)
+            if dwt.state == FETCH:
+                self.to_fetch.add(dep)
             dwt.dependents.add(key)
             if dwt.state != MEMORY:
                 wt.waiting_for.add(dep)
@@ -232,9 +242,10 @@ class WorkerState:
         return out
 
     def stimulus_execute_done(self, key, run_id, ok, nbytes=0, type=None,
-                              exception=None, traceback=None):
+                              exception=None, traceback=None, data=None):
         """A thread finished running ``key``.  The server stored the result
-        in its data (``ok``) before calling this."""
+        in its data (``ok``) before calling this; ``data`` is the result
+        already serialized, when small and a client waits for it."""
         self.log.append(("execute-done", key, run_id, ok))
         out = []
         self.executing.discard(key)
@@ -258,6 +269,7 @@ class WorkerState:
                 self._data_arrived(wt, out)  # a local task may need it as a dependency
             else:
                 wt.state = FETCH  # if a local task needs it, get it from a peer
+                self.to_fetch.add(key)
                 wt.tried = []
             self._release_if_unneeded(wt, out)
             return self._schedule(out)
@@ -271,8 +283,11 @@ class WorkerState:
         if ok:
             wt.state = MEMORY
             wt.nbytes = nbytes
-            out.append(("send", {"op": "task-finished", "key": key, "run_id": wt.run_id,
-                                 "nbytes": nbytes, "type": type}))
+            msg = {"op": "task-finished", "key": key, "run_id": wt.run_id,
+                   "nbytes": nbytes, "type": type}
+            if data is not None:
+                msg["data"] = data
+            out.append(("send", msg))
             self._data_arrived(wt, out)
         else:
             out.append(("send", {"op": "task-erred", "key": key, "run_id": wt.run_id,
@@ -315,6 +330,7 @@ class WorkerState:
                 continue
             wt.tried.append(peer)
             wt.state = FETCH
+            self.to_fetch.add(key)
             if not [p for p in wt.who_has if p not in wt.tried]:
                 out.extend(self._missing(wt, wt.tried))
         return self._schedule(out)
@@ -358,6 +374,7 @@ class WorkerState:
             wt.dependents = set()
         self.ready = []
         self.in_flight = {}
+        self.to_fetch = set()
         return out
 
     # ------------------------------------------------------------ validation
