@@ -11,7 +11,11 @@ from .nanny import Nanny
 from .scheduler import Scheduler
 from .worker import Worker
 
+from . import _dask_compat
+
 __version__ = "0.1.0"
+
+_dask_compat.install()
 
 __all__ = ["Executor", "Client", "Future", "as_completed", "wait", "futures_of", "get_client",
            "default_client", "CancelledError", "KilledWorker", "Scheduler", "Worker", "Nanny",

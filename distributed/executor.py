@@ -31,7 +31,6 @@ import atexit
 import concurrent.futures
 import logging
 import queue
-import sys
 import threading
 import uuid
 import weakref
@@ -270,6 +269,8 @@ class Future(TaskRef):
         if st.status == FINISHED and st.type:
             return "<Future: status: finished, type: %s, key: %s>" % (st.type, self.key)
         return "<Future: status: %s, key: %s>" % (st.status, self.key)
+
+    __str__ = __repr__
 
     def __del__(self):
         try:
@@ -1071,7 +1072,8 @@ class Client:
                 out[i] = f
         return out[0] if single else out
 
-    def persist(self, collections, optimize_graph=True, priority=0, workers=None, retries=None):
+    def persist(self, collections, optimize_graph=True, priority=0, workers=None, retries=None,
+                **kwargs):
         """Start computing collections and return equivalent collections
         backed by futures (keep them to keep the data on the cluster)."""
         single = not isinstance(collections, (list, tuple))
@@ -1080,8 +1082,6 @@ class Client:
 
         expr = collections_to_expr(colls, optimize_graph).optimize()
         key_lists = expr.__dask_keys__()
-        if len(colls) == 1 and not isinstance(collections, (list, tuple)):
-            pass
         flat = list(_flatten_keys(key_lists))
         futures = self._graph_to_futures(expr, flat, priority=priority, workers=workers,
                                          retries=retries)
@@ -1255,11 +1255,11 @@ async def _wait(flat, timeout=None, return_when="ALL_COMPLETED"):
 
 
 def futures_of(obj):
-    """Every Future inside ``obj`` (nested lists, tuples, dicts, dask
-    collections)."""
-    out = []
-    seen = set()
-    stack = [obj]
+    """Every Future inside ``obj``: nested lists, tuples, sets, dict values,
+    and the graphs of dask collections (persisted ones hold futures)."""
+    from dask._task_spec import Alias, DataNode
+
+    out, seen, stack = [], set(), [obj]
     while stack:
         x = stack.pop()
         if isinstance(x, Future):
@@ -1270,31 +1270,16 @@ def futures_of(obj):
             stack.extend(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
-        elif hasattr(x, "__dask_graph__"):
+        elif isinstance(x, DataNode):
+            stack.append(x.value)
+        elif isinstance(x, Alias):
+            continue
+        elif hasattr(x, "__dask_graph__") and hasattr(x, "__dask_keys__"):
             try:
-                graph = x.__dask_graph__()
-            except Exception:
+                stack.extend(dict(x.__dask_graph__()).values())
+            except (TypeError, ValueError, AttributeError):
                 continue
-            for v in dict(graph).values():
-                if isinstance(v, Future):
-                    stack.append(v)
-                else:
-                    stack.extend(getattr(v, "dependencies", ()) and [] or [])
-                    for ref in _refs_in(v):
-                        stack.append(ref)
     return out[::-1]
-
-
-def _refs_in(v):
-    from dask._task_spec import Alias, DataNode
-
-    if isinstance(v, Future):
-        return [v]
-    if isinstance(v, DataNode) and isinstance(v.value, Future):
-        return [v.value]
-    if isinstance(v, Alias):
-        return []
-    return []
 
 
 def default_client():
@@ -1331,4 +1316,4 @@ def _close_all():
 atexit.register(_close_all)
 
 __all__ = ["Executor", "Client", "Future", "as_completed", "wait", "futures_of",
-           "default_client", "get_client", "KilledWorker", "CancelledError", "sys"]
+           "default_client", "get_client", "KilledWorker", "CancelledError"]

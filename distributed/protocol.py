@@ -105,6 +105,18 @@ def serialize(obj) -> Serialized:
         buffers.append(raw)
         return False
 
+    # The standard pickler is about twice as fast as cloudpickle, and is
+    # right whenever everything it refers to by name can be imported on the
+    # other side: not so for anything defined in __main__ (or lambdas and
+    # local functions, which it refuses outright).
+    if not cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES:
+        try:
+            header = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+        except Exception:
+            header = None
+        if header is not None and b"__main__" not in header:
+            return Serialized(header, buffers)
+        buffers = []
     try:
         header = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
     except Exception as e:

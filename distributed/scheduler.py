@@ -175,7 +175,7 @@ class Scheduler(Server):
             await comm.write({"status": "error", "text": "a worker named %r is already registered" % name})
             return NO_REPLY
         await comm.write({"status": "OK", "address": self.address})
-        bs = BatchedSend(interval=0, name="scheduler->%s" % address)
+        bs = BatchedSend(interval=0.0005, name="scheduler->%s" % address)
         bs.start(comm)
         self.worker_streams[address] = bs
         self.last_seen[address] = self.loop.time()
@@ -233,7 +233,7 @@ class Scheduler(Server):
     # ------------------------------------------------------------ clients
     async def handle_register_client(self, comm, client):
         await comm.write({"status": "OK", "address": self.address})
-        bs = BatchedSend(interval=0, name="scheduler->client")
+        bs = BatchedSend(interval=0.0005, name="scheduler->client")
         bs.start(comm)
         old = self.client_streams.pop(client, None)
         if old is not None:

@@ -86,7 +86,7 @@ def gen_cluster(executor=False, nthreads=(1, 1), timeout=30, validate=True, **sc
                     await asyncio.gather(*[w.start() for w in workers])
                     e = None
                     if executor:
-                        e = Executor(s.address, asynchronous=True)
+                        e = Executor(s.address, asynchronous=True, set_as_default=False)
                         await e._start()
                     try:
                         pre = [e] if executor else []

@@ -167,7 +167,7 @@ class Worker(Server):
             comm.abort()
             raise ValueError("scheduler refused registration: %s" % (resp,))
         self.scheduler_comm = comm
-        self.batched = BatchedSend(interval=0, name="worker->scheduler")
+        self.batched = BatchedSend(interval=0.0005, name="worker->scheduler")
         self.batched.start(comm)
         self._spawn(self._scheduler_stream(comm))
 
