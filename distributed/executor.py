@@ -41,7 +41,7 @@ from dask._task_spec import TaskRef
 from .batched import BatchedSend
 from .comm import CommClosedError, connect, normalize_address
 from .core import ConnectionPool, RemoteError
-from .protocol import Serialized, deserialize, serialize
+from .protocol import Serialized, deserialize, dumps_inband, serialize
 from .utils import (TaskError, find_refs, funcname, register_loop_thread, sync,
                     unregister_loop_thread, LRU)
 
@@ -663,10 +663,7 @@ class Client:
         entry = self._function_cache.get(id(func))
         if entry is not None and entry[0] is func:
             return entry[1]
-        payload = serialize(func)
-        if payload.frames:
-            payload = serialize(func)  # functions have no big buffers; keep it one bytes
-        data = bytes(payload.header)
+        data = dumps_inband(func)
         self._function_cache[id(func)] = (func, data)
         return data
 

@@ -61,7 +61,7 @@ class Serialized:
 
     def __init__(self, header, frames=()):
         self.header = header
-        self.frames = list(frames)
+        self.frames = tuple(frames) if frames else ()
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +124,18 @@ def serialize(obj) -> Serialized:
             "Could not serialize object of type %s: %s" % (type(obj).__name__, e)
         ) from e
     return Serialized(header, buffers)
+
+
+def dumps_inband(obj) -> bytes:
+    """Pickle ``obj`` into one bytes object (no out-of-band buffers), for
+    functions, which are cached and shared by many tasks."""
+    s = serialize(obj)
+    if not s.frames:
+        return bytes(s.header)
+    try:
+        return cloudpickle.dumps(obj, protocol=5)
+    except Exception as e:
+        raise TypeError("Could not serialize object of type %s: %s" % (type(obj).__name__, e)) from e
 
 
 def deserialize(s: Serialized):

@@ -27,6 +27,7 @@ from .comm import CommClosedError
 from .core import NO_REPLY, ConnectionPool, RemoteError, Server
 from .protocol import ProtocolError
 from .scheduler_state import SchedulerState
+from .utils import LRU
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Scheduler(Server):
         self.worker_streams = {}
         self.client_streams = {}
         self.last_seen = {}
+        self._functions = LRU(1000)
         self.pool = ConnectionPool(limit=64)
         self._tasks = set()
         self.worker_stream_ops = {
@@ -70,7 +72,7 @@ class Scheduler(Server):
             "heartbeat": self._worker_heartbeat,
         }
         self.client_stream_ops = {
-            "update-graph": self._client_op(self.state.stimulus_update_graph),
+            "update-graph": self._client_update_graph,
             "client-releases-keys": self._client_op(self.state.stimulus_client_releases_keys),
             "client-desires-keys": self._client_op(self.state.stimulus_client_desires_keys),
             "cancel-keys": self._client_op(self.state.stimulus_cancel_keys),
@@ -171,9 +173,17 @@ class Scheduler(Server):
         if address in self.state.workers:
             await comm.write({"status": "error", "text": "a worker at %s is already registered" % address})
             return NO_REPLY
-        if name is not None and any(ws.name == name for ws in self.state.workers.values()):
-            await comm.write({"status": "error", "text": "a worker named %r is already registered" % name})
-            return NO_REPLY
+        if name is not None:
+            for ws in list(self.state.workers.values()):
+                if ws.name != name:
+                    continue
+                if nanny is not None and ws.nanny == nanny:
+                    # its nanny replaced it faster than we noticed it died
+                    self._remove_worker(ws.address)
+                    continue
+                await comm.write({"status": "error",
+                                  "text": "a worker named %r is already registered" % name})
+                return NO_REPLY
         await comm.write({"status": "OK", "address": self.address})
         bs = BatchedSend(interval=0.0005, name="scheduler->%s" % address)
         bs.start(comm)
@@ -253,6 +263,20 @@ class Scheduler(Server):
         def op(**kwargs):
             self._stimulus(stimulus, **kwargs)
         return op
+
+    def _client_update_graph(self, client, tasks, **kwargs):
+        # tasks of one map share their function: keep one copy of its bytes
+        cache = self._functions
+        for spec in tasks.values():
+            if type(spec) is dict:
+                f = spec.get("function")
+                if f is not None:
+                    shared = cache.get(f)
+                    if shared is None:
+                        cache[f] = f
+                    else:
+                        spec["function"] = shared
+        self._stimulus(self.state.stimulus_update_graph, client, tasks, **kwargs)
 
     def _client_heartbeat(self, client):
         pass

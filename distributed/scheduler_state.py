@@ -64,6 +64,32 @@ class InvalidTransition(Exception):
     pass
 
 
+class _EmptySet(frozenset):
+    """The shared empty value of a TaskState's set attributes.
+
+    An empty ``set`` costs 216 bytes and most tasks leave most of theirs
+    empty, so each attribute starts as this one immutable empty set and is
+    replaced by a real ``set`` on the first ``add`` (see :func:`_added`).
+    ``discard`` is a no-op so that removal needs no special case.
+    """
+
+    __slots__ = ()
+
+    def discard(self, item):
+        pass
+
+
+EMPTY = _EmptySet()
+
+
+def _added(current, item):
+    """``current`` with ``item`` added: a new set if ``current`` is EMPTY."""
+    if current is EMPTY:
+        return {item}
+    current.add(item)
+    return current
+
+
 class TaskState:
     """One task as the scheduler sees it.
 
@@ -91,13 +117,13 @@ class TaskState:
         self.state = RELEASED
         self.run_spec = run_spec
         self.priority = priority
-        self.dependencies = set()
-        self.dependents = set()
-        self.waiting_on = set()
-        self.waiters = set()
-        self.who_has = set()
+        self.dependencies = EMPTY
+        self.dependents = EMPTY
+        self.waiting_on = EMPTY
+        self.waiters = EMPTY
+        self.who_has = EMPTY
         self.processing_on = None
-        self.who_wants = set()
+        self.who_wants = EMPTY
         self.nbytes = -1
         self.type = None
         self.exception = None
@@ -274,15 +300,15 @@ class SchedulerState:
     # ------------------------------------------------------------ transitions
     def _transition_released_waiting(self, ts):
         recs = {}
-        ts.waiting_on = set()
+        ts.waiting_on = EMPTY
         for dts in ts.dependencies:
             if dts.state == ERRED:
                 ts.state = WAITING
                 recs[ts] = ERRED
                 return recs
-            dts.waiters.add(ts)
+            dts.waiters = _added(dts.waiters, ts)
             if dts.state != MEMORY:
-                ts.waiting_on.add(dts)
+                ts.waiting_on = _added(ts.waiting_on, dts)
                 if dts.state == RELEASED:
                     recs[dts] = WAITING
         ts.state = WAITING
@@ -335,7 +361,7 @@ class SchedulerState:
     def _transition_waiting_released(self, ts):
         for dts in ts.dependencies:
             dts.waiters.discard(ts)
-        ts.waiting_on = set()
+        ts.waiting_on = EMPTY
         ts.state = RELEASED
         recs = {}
         for dts in ts.dependencies:
@@ -387,7 +413,7 @@ class SchedulerState:
 
     def _add_replica(self, ts, ws):
         if ws not in ts.who_has:
-            ts.who_has.add(ws)
+            ts.who_has = _added(ts.who_has, ws)
             ws.has_what.add(ts)
             ws.nbytes += max(ts.nbytes, 0)
 
@@ -431,7 +457,7 @@ class SchedulerState:
             dts.waiters.discard(ts)
             if not self._needed(dts) and dts.state == MEMORY:
                 recs[dts] = RELEASED
-        ts.waiting_on = set()
+        ts.waiting_on = EMPTY
         ts.state = ERRED
         for dts in ts.dependents:
             if dts.state in (WAITING, NO_WORKER, PROCESSING):
@@ -451,7 +477,7 @@ class SchedulerState:
         recs = {}
         for dts in list(ts.waiters):
             if dts.state in (WAITING, NO_WORKER):
-                dts.waiting_on.add(ts)
+                dts.waiting_on = _added(dts.waiting_on, ts)
             elif dts.state == PROCESSING:
                 # its worker may not have fetched the data yet: run it again
                 # once the data is back
@@ -497,7 +523,7 @@ class SchedulerState:
                     recs[dts] = RELEASED
                 elif dts.state in (WAITING, NO_WORKER, PROCESSING):
                     recs[dts] = RELEASED
-        ts.dependencies = set()
+        ts.dependencies = EMPTY
         return recs
 
     # ------------------------------------------------------------ stimuli: clients
@@ -558,8 +584,8 @@ class SchedulerState:
                 if dts is None:
                     missing.append((ts.key, dep))
                     continue
-                ts.dependencies.add(dts)
-                dts.dependents.add(ts)
+                ts.dependencies = _added(ts.dependencies, dts)
+                dts.dependents = _added(dts.dependents, ts)
         recs = {}
         if missing:
             # a dependency nobody can produce: err the dependents at once
@@ -576,7 +602,7 @@ class SchedulerState:
                 continue
             if ts not in cs.wants_what:
                 cs.wants_what.add(ts)
-                ts.who_wants.add(cs)
+                ts.who_wants = _added(ts.who_wants, cs)
             self._report_current(ts, cs)
             if ts.state == RELEASED:
                 recs[ts] = WAITING
@@ -605,7 +631,7 @@ class SchedulerState:
                 continue
             if ts not in cs.wants_what:
                 cs.wants_what.add(ts)
-                ts.who_wants.add(cs)
+                ts.who_wants = _added(ts.who_wants, cs)
             self._report_current(ts, cs)
             if ts.state == RELEASED:
                 recs[ts] = WAITING
