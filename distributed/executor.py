@@ -312,7 +312,7 @@ class Client:
 
     def __init__(self, address=None, start=True, timeout=10.0, asynchronous=False,
                  n_workers=None, threads_per_worker=1, set_as_default=True,
-                 heartbeat_timeout=30.0, **cluster_kwargs):
+                 **cluster_kwargs):
         if address is not None and not isinstance(address, str):
             if hasattr(address, "scheduler_address"):
                 address = address.scheduler_address
@@ -327,7 +327,6 @@ class Client:
         self.threads_per_worker = threads_per_worker
         self.cluster_kwargs = cluster_kwargs
         self.set_as_default = set_as_default
-        self.heartbeat_timeout = heartbeat_timeout
         self.futures = {}
         self.refcount = defaultdict(int)
         self._graph = {}

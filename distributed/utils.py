@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import traceback
@@ -120,6 +121,10 @@ def sync(loop, func, *args, timeout=None, **kwargs):
     except TimeoutError:
         fut.cancel()
         raise TimeoutError("operation timed out after %s s" % timeout) from None
+    except asyncio.CancelledError as e:
+        # asyncio's CancelledError is a BaseException; callers of blocking
+        # methods expect the Exception that concurrent.futures raises
+        raise concurrent.futures.CancelledError(*e.args) from None
 
 
 _loop_threads = {}

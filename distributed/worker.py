@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .comm import CommClosedError, connect, normalize_address
 from .core import ConnectionPool, RemoteError, Server
 from .batched import BatchedSend
-from .protocol import Serialized, deserialize, serialize
+from .protocol import ProtocolError, Serialized, deserialize, serialize
 from .utils import LRU, TaskError, format_exception_text, sizeof, substitute_refs
 from .worker_state import FLIGHT, WorkerState
 
@@ -182,12 +182,20 @@ class Worker(Server):
             while True:
                 msgs = await comm.read()
                 for msg in msgs:
-                    op = msg.pop("op")
-                    handlers[op](**msg)
+                    op = msg.pop("op", None)
+                    handler = handlers.get(op)
+                    if handler is None:
+                        logger.warning("worker %s: unknown op %r from the scheduler", self.address, op)
+                        continue
+                    try:
+                        handler(**msg)
+                    except TypeError as e:
+                        logger.warning("worker %s: bad %r message: %s", self.address, op, e)
         except CommClosedError:
             pass
-        except Exception:
-            logger.exception("worker %s: bad message from the scheduler", self.address)
+        except ProtocolError as e:
+            logger.error("worker %s: undecodable message from the scheduler: %s", self.address, e)
+        comm.abort()
         if self.status != "running":
             return
         logger.warning("worker %s lost the scheduler at %s; reconnecting for up to %.0f s",

