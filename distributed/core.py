@@ -197,8 +197,10 @@ class ConnectionPool:
         while self.available[addr]:
             comm = self.available[addr].pop()
             if not comm.closed():
+                comm.reused = True
                 return comm
             self.open -= 1
+            self.semaphore.release()
         if self.semaphore is None:
             self.semaphore = asyncio.Semaphore(self.limit)
         await self.semaphore.acquire()
@@ -246,14 +248,22 @@ class rpc:
         op = name.replace("_", "-")
 
         async def call(**kwargs):
-            comm = await self.pool.connect(self.address)
-            try:
-                return await send_recv(comm, op=op, **kwargs)
-            except BaseException:
-                comm.abort()
-                raise
-            finally:
-                self.pool.reuse(self.address, comm)
+            for attempt in (0, 1):
+                comm = await self.pool.connect(self.address)
+                reused = getattr(comm, "reused", False)
+                try:
+                    return await send_recv(comm, op=op, **kwargs)
+                except CommClosedError:
+                    comm.abort()
+                    if not reused or attempt:
+                        raise
+                    # an idle pooled connection whose peer went away (for
+                    # instance a restarted scheduler): try a fresh one
+                except BaseException:
+                    comm.abort()
+                    raise
+                finally:
+                    self.pool.reuse(self.address, comm)
 
         call.__name__ = name
         return call

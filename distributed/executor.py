@@ -303,6 +303,9 @@ class Client:
         executor._start()`` from a coroutine connects on the running loop.
     asynchronous: run on the caller's event loop; use the ``_``-coroutines.
     timeout: seconds to wait for the scheduler before failing
+    reconnect_timeout: seconds to keep trying to reconnect after losing the
+        scheduler (existing futures err at once; new work can be submitted
+        after reconnection)
     n_workers, threads_per_worker: for the local cluster (default: one
         single-thread worker per core)
     set_as_default: make this executor dask's default scheduler until closed
@@ -312,6 +315,7 @@ class Client:
 
     def __init__(self, address=None, start=True, timeout=10.0, asynchronous=False,
                  n_workers=None, threads_per_worker=1, set_as_default=True,
+                 reconnect_timeout=60.0,
                  **cluster_kwargs):
         if address is not None and not isinstance(address, str):
             if hasattr(address, "scheduler_address"):
@@ -322,6 +326,7 @@ class Client:
         self.address = normalize_address(address) if address is not None else None
         self.id = "executor-" + uuid.uuid4().hex
         self.timeout = timeout
+        self.reconnect_timeout = reconnect_timeout
         self.asynchronous = asynchronous or not start
         self.n_workers = n_workers
         self.threads_per_worker = threads_per_worker
@@ -500,6 +505,9 @@ class Client:
     def _send(self, *msgs):
         """Queue messages for the scheduler, in order, from any thread.
         Call with ``_lock`` held."""
+        if self.status == "disconnected":
+            raise OSError("the executor has lost its scheduler at %s and is trying to "
+                          "reconnect" % self.address)
         if self.status not in ("running", "connecting"):
             raise RuntimeError("this executor is %s" % self.status)
         self._outbox.extend(msgs)
@@ -584,19 +592,59 @@ class Client:
             self._on_scheduler_lost()
 
     def _on_scheduler_lost(self):
-        """Nothing will report on pending keys any more: fail them with a
-        clear error rather than letting anyone wait forever."""
+        """Nothing will report on our keys any more: every Future made so far
+        errs with a clear message (none is left waiting forever), and the
+        executor keeps trying to reconnect for ``reconnect_timeout`` seconds.
+        Calls made meanwhile raise an error saying so."""
         self.status = "disconnected"
         text = {"type": "CommClosedError",
-                "text": "the connection to the scheduler at %s was lost" % self.address}
+                "text": "the connection to the scheduler at %s was lost; this "
+                        "future's data is gone" % self.address}
         with self._lock:
             states = list(self.futures.values())
+            self.futures.clear()
+            self.refcount.clear()
+            self._graph.clear()
+            self._releases.clear()
+            self._outbox = []
+            self._flush_scheduled = False
         for st in states:
-            if not st.done():
+            if st.status != ERROR:
                 st.set_error(text, None)
         for fut in self._restart_waiters.values():
             if not fut.done():
                 fut.set_exception(OSError("lost the scheduler during restart"))
+        if self.batched is not None:
+            self.batched.abort()
+        self._stream_task = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_timeout
+        while self.status == "disconnected" and loop.time() < deadline:
+            try:
+                comm = await connect(self.address, timeout=min(2.0, self.reconnect_timeout))
+                await comm.write({"op": "register-client", "client": self.id})
+                resp = await asyncio.wait_for(comm.read(), self.timeout)
+            except (OSError, CommClosedError, asyncio.TimeoutError):
+                await asyncio.sleep(0.5)
+                continue
+            if self.status != "disconnected":
+                comm.abort()
+                return
+            if isinstance(resp, dict) and resp.get("status") == "OK":
+                self.scheduler_comm = comm
+                self.batched = BatchedSend(interval=0, name="executor->scheduler")
+                self.batched.start(comm)
+                self.status = "running"
+                logger.info("executor reconnected to the scheduler at %s", self.address)
+                await self._handle_stream(comm)
+                return
+            comm.abort()
+            await asyncio.sleep(0.5)
+        if self.status == "disconnected":
+            logger.error("executor could not reconnect to the scheduler at %s within %s s",
+                         self.address, self.reconnect_timeout)
 
     def _on_key_in_memory(self, key, nbytes=-1, type=None, workers=(), data=None):
         st = self.futures.get(key)
