@@ -64,8 +64,15 @@ class BatchedSend:
                     await self.wake.wait()
                     continue
                 wait = last + self.interval - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                if wait > 0 and not self.closing:
+                    # a close() during this pause flushes at once
+                    self.wake.clear()
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    if not self.closing:
+                        continue
                 payload, self.buffer = self.buffer, []
                 self.batches += 1
                 self.messages += len(payload)

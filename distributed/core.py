@@ -181,7 +181,12 @@ async def send_recv(comm, **msg):
 
 
 class ConnectionPool:
-    """Reuse connections per address; at most ``limit`` open in total."""
+    """Reuse connections per address.
+
+    At most ``limit`` connections are in use at once (a caller waits for a
+    slot); idle ones are kept for reuse and closed when a new connection is
+    needed while ``limit`` are open.
+    """
 
     def __init__(self, limit: int = 256, timeout: float = 10.0):
         self.available = defaultdict(list)
@@ -194,17 +199,19 @@ class ConnectionPool:
     async def connect(self, addr, timeout=None):
         if self.closed:
             raise CommClosedError("connection pool is closed")
-        while self.available[addr]:
-            comm = self.available[addr].pop()
-            if not comm.closed():
-                comm.reused = True
-                return comm
-            self.open -= 1
-            self.semaphore.release()
         if self.semaphore is None:
             self.semaphore = asyncio.Semaphore(self.limit)
         await self.semaphore.acquire()
         try:
+            idle = self.available.get(addr)
+            while idle:
+                comm = idle.pop()
+                if not comm.closed():
+                    comm.reused = True
+                    return comm
+                self.open -= 1
+            if self.open >= self.limit:
+                self._close_idle()
             comm = await connect(addr, timeout=self.timeout if timeout is None else timeout)
         except BaseException:
             self.semaphore.release()
@@ -212,24 +219,28 @@ class ConnectionPool:
         self.open += 1
         return comm
 
+    def _close_idle(self):
+        for addr in list(self.available):
+            self.remove(addr)
+
     def reuse(self, addr, comm):
+        """Give back a connection obtained from :meth:`connect`."""
+        self.semaphore.release()
         if comm.closed() or self.closed:
             self.open -= 1
-            self.semaphore.release()
             comm.abort()
         else:
             self.available[addr].append(comm)
 
     def remove(self, addr):
+        """Close the idle connections to ``addr``."""
         for comm in self.available.pop(addr, []):
             comm.abort()
             self.open -= 1
-            self.semaphore.release()
 
     def close(self):
         self.closed = True
-        for addr in list(self.available):
-            self.remove(addr)
+        self._close_idle()
 
     def rpc(self, addr):
         return rpc(addr, self)
@@ -260,6 +271,8 @@ class rpc:
                     # an idle pooled connection whose peer went away (for
                     # instance a restarted scheduler): try a fresh one
                 except BaseException:
+                    # also after an error reply: the server may have dropped
+                    # the connection (it does after malformed requests)
                     comm.abort()
                     raise
                 finally:

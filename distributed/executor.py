@@ -210,6 +210,10 @@ class Future(TaskRef):
         data = st.data
         if data is not None and st.status == FINISHED:
             return deserialize(data)  # small result sent along: no round trip
+        if st.status == ERROR:
+            raise st.make_exception()
+        if st.status == CANCELLED:
+            raise CancelledError("%r was cancelled" % (self.key,))
         return self.executor._sync(self._result, timeout=timeout)
 
     async def _result(self, raiseit=True):
@@ -744,7 +748,9 @@ class Client:
                 key = "%s-%s" % (funcname(func), tokenize(self._function_token(func), kwargs, *args))
             else:
                 key = "%s-%s" % (funcname(func), uuid.uuid4().hex)
-        existing = self.futures.get(key)
+        with self._lock:
+            self._drain_locked()  # a release of this key may be pending
+            existing = self.futures.get(key)
         if existing is not None and existing.status != CANCELLED:
             return Future(key, self)
         refs = find_refs((args, kwargs), [])

@@ -85,9 +85,11 @@ class Nanny(Server):
             cmd += ["--name", str(self.worker_name)]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        # the worker imports what the parent imports (pickles by reference)
+        # Functions pickle by reference to their module, so the worker must
+        # import whatever this process can: give it our sys.path.
+        paths = dict.fromkeys(os.path.abspath(p or os.getcwd()) for p in sys.path)
         env["PYTHONPATH"] = os.pathsep.join(
-            [p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p])
+            [p for p in [*paths, env.get("PYTHONPATH", "")] if p])
         devnull = asyncio.subprocess.DEVNULL if self.quiet else None
         process = await asyncio.create_subprocess_exec(*cmd, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                        stdout=devnull, stderr=devnull)

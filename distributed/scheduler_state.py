@@ -289,6 +289,8 @@ class SchedulerState:
                 continue
             if finish == RELEASED and self._needed(ts):
                 continue  # needed again since the recommendation was made
+            if finish == FORGOTTEN and (ts.who_wants or ts.dependents):
+                continue  # referenced again since the recommendation was made
             new = self._transition(ts, finish)
             recs.update(new)
         if self.validate:

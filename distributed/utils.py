@@ -125,6 +125,9 @@ def sync(loop, func, *args, timeout=None, **kwargs):
         # asyncio's CancelledError is a BaseException; callers of blocking
         # methods expect the Exception that concurrent.futures raises
         raise concurrent.futures.CancelledError(*e.args) from None
+    finally:
+        # the future holds the exception, whose traceback holds this frame
+        del fut
 
 
 _loop_threads = {}

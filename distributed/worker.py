@@ -80,6 +80,14 @@ def pack_exception(e: BaseException):
     """Exception to ``(Serialized, traceback text)`` for the wire; an
     exception that cannot be pickled is replaced by a TaskError with its text."""
     text = format_exception_text(e)
+    # the traceback travels as text; pickled frames (with tblib installed)
+    # would rebuild reference cycles in the client that keep Futures alive
+    seen = set()
+    x = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        x.__traceback__ = None
+        x = x.__cause__ or x.__context__
     try:
         s = serialize(e)
         # check it can come back (some exceptions pickle but do not unpickle)
