@@ -70,6 +70,7 @@ class Scheduler(Server):
             "add-keys": self._worker_add_keys,
             "release-worker-data": self._worker_release_data,
             "heartbeat": self._worker_heartbeat,
+            "worker-paused": self._worker_paused,
         }
         self.client_stream_ops = {
             "update-graph": self._client_update_graph,
@@ -226,6 +227,10 @@ class Scheduler(Server):
 
     def _worker_release_data(self, worker, keys):
         self._stimulus(self.state.stimulus_release_worker_data, worker, keys)
+
+    def _worker_paused(self, worker, paused):
+        self.last_seen[worker] = self.loop.time()
+        self._stimulus(self.state.stimulus_worker_paused, worker, paused)
 
     def _worker_heartbeat(self, worker, **info):
         self.last_seen[worker] = self.loop.time()

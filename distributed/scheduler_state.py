@@ -319,7 +319,8 @@ class SchedulerState:
         return recs
 
     def _transition_waiting_processing(self, ts):
-        ws = decide_worker(ts, list(self.workers.values()), self._valid_workers(ts))
+        workers = [ws for ws in self.workers.values() if not ws.paused]
+        ws = decide_worker(ts, workers, self._valid_workers(ts))
         if ws is None:
             ts.state = NO_WORKER
             self.unrunnable.add(ts)
@@ -815,6 +816,15 @@ class SchedulerState:
             if ts.state == MEMORY and not ts.who_has:
                 recs.update(self._transition_memory_released(ts, lost=True))
         self._transitions(recs)
+        return self._flush()
+
+    def stimulus_worker_paused(self, worker, paused):
+        """The worker is short of memory (``paused``): send it no new tasks."""
+        ws = self.workers.get(worker)
+        if ws is not None:
+            ws.paused = bool(paused)
+            if not paused:
+                self._transitions({ts: WAITING for ts in self.unrunnable})
         return self._flush()
 
     def stimulus_restart(self):

@@ -152,6 +152,8 @@ class Worker(Server):
         self.state = WorkerState(self.address, self.nthreads, validate=self.validate)
         await self._register(self.connect_timeout)
         self._spawn(self._heartbeat())
+        if self.memory_limit:
+            self._spawn(self._memory_monitor())
         logger.info("worker at %s, %d threads, scheduler %s", self.address, self.nthreads,
                     self.scheduler_address)
         return self
@@ -222,6 +224,34 @@ class Worker(Server):
             if self.batched is not None and not self.batched.closing:
                 self.batched.send({"op": "heartbeat", "executing": len(self.state.executing),
                                    "in_memory": len(self.data)})
+
+    #: Fractions of ``memory_limit``: stop starting tasks past the first,
+    #: exit (a nanny starts a fresh worker) past the second.
+    memory_pause_fraction = 0.8
+    memory_terminate_fraction = 0.95
+
+    async def _memory_monitor(self, interval=0.2):
+        import psutil
+
+        proc = psutil.Process()
+        while self.status == "running":
+            await asyncio.sleep(interval)
+            rss = proc.memory_info().rss
+            frac = rss / self.memory_limit
+            if frac > self.memory_terminate_fraction:
+                logger.error("worker %s uses %d MB, over %d%% of its memory limit of %d MB: "
+                             "exiting so that its nanny restarts it", self.address, rss >> 20,
+                             self.memory_terminate_fraction * 100, self.memory_limit >> 20)
+                await self.close()
+                os._exit(1)
+            paused = frac > self.memory_pause_fraction
+            if paused != self.state.paused:
+                logger.warning("worker %s %s: %d MB of a %d MB memory limit", self.address,
+                               "pauses (takes no new tasks)" if paused else "resumes",
+                               rss >> 20, self.memory_limit >> 20)
+                self._run(self.state.stimulus_pause(paused))
+                if self.batched is not None and not self.batched.closing:
+                    self.batched.send({"op": "worker-paused", "paused": paused})
 
     async def close(self, timeout=5.0):
         if self.status in ("closing", "closed"):

@@ -12,6 +12,15 @@ from .utils import setup_logging, wait_for_signals
 logger = logging.getLogger("distributed.cli.dask_worker")
 
 
+def _bytes(text):
+    from dask.utils import parse_bytes
+
+    try:
+        return int(parse_bytes(text))
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError("not a size: %r (examples: 2GB, 500MB, 1e9)" % text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="dask-worker", description="Start a distributed worker.")
     p.add_argument("scheduler", help="scheduler address, e.g. tcp://127.0.0.1:8786 or 127.0.0.1:8786")
@@ -23,7 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="a name for this worker")
     p.add_argument("--no-nanny", dest="nanny", action="store_false",
                    help="run the worker in this process, without a supervising nanny")
-    p.add_argument("--memory-limit", type=int, default=0, help="bytes (0: no limit)")
+    p.add_argument("--memory-limit", type=_bytes, default=0,
+                   help="e.g. 2GB or 2000000000 (0: no limit). Past 80%% of it the worker "
+                        "takes no new tasks; past 95%% it exits and its nanny starts a fresh one")
     p.add_argument("--connect-timeout", type=float, default=30.0,
                    help="seconds to keep trying to reach the scheduler (default 30)")
     p.add_argument("--parent-nanny", default=None, help=argparse.SUPPRESS)
