@@ -1050,6 +1050,18 @@ class Client:
                 out[key] = g
         return out
 
+    def visualize(self, filename="mydask", format=None, **kwargs):
+        """Draw ``executor.dask`` (the graph of every held computation) with
+        graphviz, like ``dask.visualize``.  Needs the ``graphviz`` Python
+        package and its ``dot`` program."""
+        try:
+            import graphviz  # noqa: F401
+            from dask.dot import dot_graph
+        except ImportError as e:
+            raise ImportError("Executor.visualize needs graphviz: `pip install graphviz` and "
+                              "the `dot` program (e.g. `apt-get install graphviz`)") from e
+        return dot_graph(self.dask, filename=filename, format=format, **kwargs)
+
     # ------------------------------------------------------------ dask graphs
     def _graph_to_futures(self, dsk, keys, priority=0, workers=None, retries=None):
         from .graph import prepare_graph

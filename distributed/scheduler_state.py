@@ -47,6 +47,7 @@ State (all of it):
 """
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict, deque
 
 RELEASED = "released"
@@ -223,6 +224,10 @@ def decide_worker(ts, workers, valid=None):
         def cost(ws):
             return (len(ws.processing) / ws.nthreads, ws.nbytes)
     return min(candidates, key=cost)
+
+
+def _priority(ts):
+    return ts.priority
 
 
 class SchedulerState:
@@ -707,8 +712,14 @@ class SchedulerState:
             return self._flush()
         self._to_workers.pop(address, None)
         recs = {}
+        # Only the tasks it was probably running are suspects: a worker runs
+        # its ready tasks in priority order, a thread each plus one queued.
+        # Counting every task assigned to it would turn a few unrelated
+        # deaths into KilledWorker for thousands of innocent queued tasks.
+        suspects = set(heapq.nsmallest(ws.nthreads + 1, ws.processing, key=_priority))
         for ts in list(ws.processing):
-            ts.suspicious += 1
+            if ts in suspects:
+                ts.suspicious += 1
             ws.processing.discard(ts)
             ts.processing_on = None
             if ts.suspicious > self.allowed_failures:
