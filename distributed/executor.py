@@ -759,6 +759,9 @@ class Client:
             spec["args"] = serialize(args)
         if kwargs:
             spec["kwargs"] = serialize(kwargs)
+        if refs:
+            # the graph entry must not keep the argument Futures alive
+            args, kwargs = _without_futures(args), _without_futures(kwargs)
         return self._submit_tasks({key: spec}, {key: refs}, [key], {key: (func, args, kwargs)},
                                   workers=workers, retries=retries, priority=priority)[0]
 
@@ -825,8 +828,9 @@ class Client:
         elif pure:
             from dask.base import tokenize
 
-            base = tokenize(self._function_token(func), kwargs)
-            keys = ["%s-%s" % (name, tokenize(base, *args)) for args in arg_tuples]
+            ftoken = self._function_token(func)
+            # the same key as submit(func, *args, **kwargs)
+            keys = ["%s-%s" % (name, tokenize(ftoken, kwargs, *args)) for args in arg_tuples]
         else:
             keys = ["%s-%s" % (name, uuid.uuid4().hex) for _ in range(n)]
         fbytes = self._dumps_function(func)
@@ -841,7 +845,8 @@ class Client:
                 spec["kwargs"] = kw_ser
             specs[k] = spec
             refs[k] = find_refs(args, list(kw_refs))
-            graph[k] = (func, args, kwargs)
+            graph[k] = (func, _without_futures(args) if refs[k] else args,
+                        _without_futures(kwargs) if kw_refs else kwargs)
         return self._submit_tasks(specs, refs, keys, graph, workers=workers, retries=retries,
                                   priority=priority)
 
@@ -1067,12 +1072,13 @@ class Client:
         from .graph import prepare_graph
 
         with self._lock:
-            known = set(self.futures)
+            self._drain_locked()
+            known = {k for k, st in self.futures.items() if st.status != CANCELLED}
         nodes, deps, order = prepare_graph(dsk, keys, known_keys=known)
         specs, refs = {}, {}
         for key, node in nodes.items():
-            if key in known:
-                continue
+            # even for keys held now: _submit_tasks decides under its lock
+            # which are still alive, and a key released meanwhile needs it
             specs[key] = {"task": serialize(node)}
             refs[key] = [TaskRef(d) for d in deps[key]]
         flat = list(_flatten_keys(keys))
@@ -1157,6 +1163,19 @@ class Client:
 
 
 Executor = Client
+
+
+def _without_futures(obj):
+    """``obj`` with every Future inside lists, tuples, sets and dict values
+    replaced by a plain TaskRef (which does not hold a reference count)."""
+    if isinstance(obj, Future):
+        return TaskRef(obj.key)
+    typ = type(obj)
+    if typ in (list, tuple, set, frozenset):
+        return typ(_without_futures(o) for o in obj)
+    if typ is dict:
+        return {k: _without_futures(v) for k, v in obj.items()}
+    return obj
 
 
 def _flatten_keys(keys):

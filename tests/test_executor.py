@@ -8,6 +8,7 @@ import asyncio
 import collections
 import operator
 import random
+import threading
 import uuid
 
 import pytest
@@ -20,10 +21,12 @@ pytestmark = pytest.mark.timeout(60)
 # Workers run in this process, so module-level state is shared with them:
 # these counters record how often a task body really ran.
 CALLS = collections.Counter()
+CALLS_LOCK = threading.Lock()    # two worker threads may run tasks at once
 
 
 def count_calls(token, x):
-    CALLS[token] += 1
+    with CALLS_LOCK:
+        CALLS[token] += 1
     return x
 
 
@@ -36,10 +39,12 @@ def fails_with_value_error(x):
 
 
 def flaky(token, fails):
-    CALLS[token] += 1
-    if CALLS[token] <= fails:
-        raise ZeroDivisionError("attempt %d fails" % CALLS[token])
-    return CALLS[token]
+    with CALLS_LOCK:
+        CALLS[token] += 1
+        n = CALLS[token]
+    if n <= fails:
+        raise ZeroDivisionError("attempt %d fails" % n)
+    return n
 
 
 def make_bytes(n):

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from .utils import setup_logging, wait_for_signals
+from .utils import install_signal_handlers, setup_logging, wait_for_signals
 
 logger = logging.getLogger("distributed.cli.dask_scheduler")
 
@@ -26,6 +26,7 @@ def parse_args(argv=None):
 async def run(args):
     from ..scheduler import Scheduler
 
+    stop = install_signal_handlers()
     s = Scheduler(host=args.host, port=args.port, heartbeat_timeout=args.heartbeat_timeout,
                   allowed_failures=args.allowed_failures)
     try:
@@ -34,7 +35,7 @@ async def run(args):
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
         return 1
     print("Scheduler at: %s" % s.address, file=sys.stderr, flush=True)
-    await wait_for_signals()
+    await wait_for_signals(stop)
     logger.info("scheduler %s stopping", s.address)
     await s.close()
     return 0

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .utils import setup_logging, wait_for_signals
+from .utils import install_signal_handlers, setup_logging, wait_for_signals
 
 logger = logging.getLogger("distributed.cli.dask_worker")
 
@@ -46,6 +46,7 @@ async def run_worker(args):
     from ..core import ConnectionPool
     from ..worker import Worker, _parent_watchdog
 
+    stop = install_signal_handlers()
     w = Worker(args.scheduler, nthreads=args.nthreads, host=args.host, port=args.port,
                name=args.name, nanny=args.parent_nanny, connect_timeout=args.connect_timeout,
                memory_limit=args.memory_limit)
@@ -64,7 +65,7 @@ async def run_worker(args):
             await pool.rpc(args.parent_nanny).worker_ready(address=w.address)
         finally:
             pool.close()
-    await wait_for_signals(w.finished)
+    await wait_for_signals(stop, w.finished)
     await w.close()
     return 0
 
@@ -72,6 +73,7 @@ async def run_worker(args):
 async def run_nanny(args):
     from ..nanny import Nanny
 
+    stop = install_signal_handlers()
     n = Nanny(args.scheduler, nthreads=args.nthreads, host=args.host, port=args.nanny_port,
               name=args.name, worker_port=args.port, memory_limit=args.memory_limit,
               start_timeout=args.connect_timeout + 30, connect_timeout=args.connect_timeout)
@@ -82,7 +84,7 @@ async def run_nanny(args):
         await n.close()
         return 1
     print("Nanny at: %s, worker at: %s" % (n.address, n.worker_address), file=sys.stderr, flush=True)
-    await wait_for_signals()
+    await wait_for_signals(stop)
     await n.close()
     return 0
 

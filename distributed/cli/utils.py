@@ -16,16 +16,22 @@ def setup_logging(level="INFO"):
     root.setLevel(level)
 
 
-async def wait_for_signals(*events):
-    """Return when SIGINT or SIGTERM arrives, or when any of ``events`` is set."""
+def install_signal_handlers():
+    """Turn SIGINT and SIGTERM into an Event on the running loop.  Call it
+    before starting anything, so that a signal that arrives during start-up
+    also leads to a clean stop."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    waiters = [asyncio.ensure_future(stop.wait())] + [asyncio.ensure_future(e.wait()) for e in events]
+    return stop
+
+
+async def wait_for_signals(stop, *events):
+    """Return when ``stop`` (from :func:`install_signal_handlers`) or any of
+    ``events`` is set; True if it was a signal."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in (stop, *events)]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:
         w.cancel()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
     return stop.is_set()
