@@ -150,9 +150,13 @@ def dumps(msg) -> list:
 
     def default(obj):
         if type(obj) is tuple:
-            # a fresh packer: msgpack's Packer is not re-entrant
-            return msgpack.ExtType(_EXT_TUPLE, msgpack.packb(
-                list(obj), default=default, use_bin_type=True, strict_types=True))
+            for item in obj:
+                if type(item) not in _FLAT:
+                    # nested: a fresh packer, since a Packer is not re-entrant
+                    return msgpack.ExtType(_EXT_TUPLE, msgpack.packb(
+                        list(obj), default=default, use_bin_type=True, strict_types=True))
+            # flat tuples (most keys) never re-enter ``default``
+            return msgpack.ExtType(_EXT_TUPLE, _flat_packer.pack(list(obj)))
         if type(obj) is Serialized:
             start = len(frames)
             if len(obj.header) > INLINE_MAX:
@@ -174,6 +178,10 @@ def dumps(msg) -> list:
     return frames
 
 
+_FLAT = frozenset([str, int, float, bool, bytes, type(None)])
+_flat_packer = msgpack.Packer(use_bin_type=True, strict_types=True)
+
+
 def _pack_plain(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -183,7 +191,8 @@ def loads(frames):
 
     def ext_hook(code, data):
         if code == _EXT_TUPLE:
-            return tuple(msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False))
+            return tuple(msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False,
+                                         use_list=True))
         if code == _EXT_SERIALIZED:
             head, start, count = msgpack.unpackb(data, raw=False)
             sub = frames[start : start + count]
