@@ -127,11 +127,11 @@ def serialize(obj) -> Serialized:
 
 
 def dumps_inband(obj) -> bytes:
-    """Pickle ``obj`` into one bytes object (no out-of-band buffers), for
-    functions, which are cached and shared by many tasks."""
-    s = serialize(obj)
-    if not s.frames:
-        return bytes(s.header)
+    """Pickle a function into one bytes object with cloudpickle (no
+    out-of-band buffers).  Functions are pickled once and cached, so the
+    faster standard pickler is not worth its one difference here: it pickles
+    a bound method such as ``random.random`` with a copy of its instance,
+    where cloudpickle refers to it by name."""
     try:
         return cloudpickle.dumps(obj, protocol=5)
     except Exception as e:
