@@ -21,7 +21,8 @@ State:
 
 * ``futures``: key -> FutureState of every key this executor holds
 * ``refcount``: key -> number of live Future objects for it
-* ``_graph``: key -> what computes it (for ``executor.dask``)
+* ``_graph``: :class:`~distributed.graph.HeldGraph`, what computes each key
+  that a Future still needs (for ``executor.dask``)
 * ``_outbox``: messages waiting to be handed to the batched stream
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dask._task_spec import TaskRef
 from .batched import BatchedSend
 from .comm import CommClosedError, connect, normalize_address
 from .core import ConnectionPool, RemoteError
+from .graph import HeldGraph
 from .future import (CANCELLED, ERROR, FINISHED, CancelledError, Future, FutureState,
                      KilledWorker, _is_iterator_like, as_completed, futures_of, wait)
 from .protocol import deserialize, dumps_inband, serialize
@@ -97,7 +99,7 @@ class Client:
         self.set_as_default = set_as_default
         self.futures = {}
         self.refcount = defaultdict(int)
-        self._graph = {}
+        self._graph = HeldGraph()
         self._lock = threading.Lock()
         self._releases = deque()
         self._outbox = []
@@ -309,7 +311,7 @@ class Client:
             if self.refcount[key] <= 0:
                 del self.refcount[key]
                 del self.futures[key]
-                self._graph.pop(key, None)
+                self._graph.release(key, self.futures)
                 released.append(key)
         if released and self.status == "running":
             self._outbox.append({"op": "client-releases-keys", "keys": released})
@@ -432,7 +434,7 @@ class Client:
                     if self.futures.get(key) is st:
                         del self.futures[key]
                         self.refcount.pop(key, None)
-                        self._graph.pop(key, None)
+                        self._graph.release(key, self.futures)
                 st.cancel()
 
     def _on_restart(self):
@@ -548,7 +550,7 @@ class Client:
                 futures.append(Future.__new__(Future))
             for key, g in graph.items():
                 if key in new_specs:
-                    self._graph[key] = g
+                    self._graph.add(key, g, deps[key])
             msg = {"op": "update-graph", "tasks": new_specs,
                    "dependencies": deps, "keys": list(dict.fromkeys(keys)),
                    "user_priority": priority}
@@ -725,7 +727,7 @@ class Client:
                 st = self.futures.pop(key, None)
                 if st is not None:
                     self.refcount.pop(key, None)
-                    self._graph.pop(key, None)
+                    self._graph.release(key, self.futures)
                     states.append(st)
             if keys and self.status == "running":
                 self._send({"op": "cancel-keys", "keys": keys})
@@ -804,7 +806,7 @@ class Client:
         from dask._task_spec import Task
 
         with self._lock:
-            items = list(self._graph.items())
+            items = list(self._graph.tasks.items())
         out = {}
         for key, g in items:
             if isinstance(g, tuple):

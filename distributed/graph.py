@@ -94,3 +94,68 @@ def order_nodes(nodes, dependencies):
 
 def is_alias_of(node: GraphNode):
     return node.target if isinstance(node, Alias) else None
+
+
+class HeldGraph:
+    """What computes each key that some Future of one executor still needs.
+
+    An entry stays while its key is held (a live Future for it) or while
+    another entry depends on it; releasing the last holder of a key drops
+    its entry and, in turn, every dependency that nothing else keeps.  So
+    ``executor.dask`` shows the graph of the computations still held, and a
+    finished ``compute`` of 100,000 tasks leaves nothing behind.
+
+    >>> g = HeldGraph()
+    >>> g.add('x', 'load', ()); g.add('y', 'clean(x)', ('x',))
+    >>> held = {'y'}                # the Future for 'x' is gone already
+    >>> g.release('x', held)        # 'y' still needs it
+    >>> sorted(g.tasks)
+    ['x', 'y']
+    >>> g.release('y', set())
+    >>> g.tasks
+    {}
+    """
+
+    __slots__ = ("tasks", "_deps", "_ndependents")
+
+    def __init__(self):
+        self.tasks = {}
+        self._deps = {}
+        self._ndependents = {}
+
+    def __len__(self):
+        return len(self.tasks)
+
+    def add(self, key, task, deps):
+        if key in self.tasks:
+            return
+        self.tasks[key] = task
+        if deps:
+            self._deps[key] = deps
+            nd = self._ndependents
+            for d in deps:
+                nd[d] = nd.get(d, 0) + 1
+
+    def release(self, key, held):
+        """``key`` lost its last holder; ``held``: the keys still held."""
+        stack = [key]
+        nd = self._ndependents
+        while stack:
+            k = stack.pop()
+            if k not in self.tasks or nd.get(k, 0) > 0:
+                continue
+            del self.tasks[k]
+            nd.pop(k, None)
+            for d in self._deps.pop(k, ()):
+                n = nd.get(d, 0) - 1
+                if n > 0:
+                    nd[d] = n
+                else:
+                    nd.pop(d, None)
+                    if d not in held:
+                        stack.append(d)
+
+    def clear(self):
+        self.tasks.clear()
+        self._deps.clear()
+        self._ndependents.clear()

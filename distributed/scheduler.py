@@ -27,7 +27,9 @@ from .comm import CommClosedError
 from .core import NO_REPLY, ConnectionPool, RemoteError, Server
 from .protocol import ProtocolError
 from .scheduler_state import SchedulerState
-from .utils import LRU
+from .utils import LRU, trim_memory
+
+TRIM_AFTER_FORGETTING = 10000  # tasks
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +238,16 @@ class Scheduler(Server):
         self.last_seen[worker] = self.loop.time()
 
     async def _check_heartbeats(self):
+        peak = 0
         while self.status == "running":
             await asyncio.sleep(min(1.0, self.heartbeat_timeout / 4))
             now = self.loop.time()
+            # give memory back once many tasks have been forgotten
+            ntasks = len(self.state.tasks)
+            peak = max(peak, ntasks)
+            if peak - ntasks > TRIM_AFTER_FORGETTING:
+                trim_memory()
+                peak = ntasks
             for addr, seen in list(self.last_seen.items()):
                 if now - seen > self.heartbeat_timeout:
                     logger.warning("worker %s sent nothing for %.0f s: presumed hung, removing it",

@@ -143,3 +143,29 @@ def register_loop_thread(loop):
 
 def unregister_loop_thread(loop):
     _loop_threads.pop(id(loop), None)
+
+
+_libc = []
+
+
+def trim_memory() -> bool:
+    """Hand freed heap memory back to the operating system (glibc only).
+
+    After a large graph is forgotten, CPython has freed its objects but
+    glibc keeps the pages mapped, so a scheduler that held 100,000 tasks
+    stays at ~300 MB RSS without this.  Returns whether a trim was done.
+    """
+    if not _libc:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.append(lib.malloc_trim)
+        except (OSError, AttributeError):
+            _libc.append(None)
+    trim = _libc[0]
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -346,6 +346,23 @@ def test_executor_compute_returns_one_future_per_collection(executor):
     poll(lambda: key not in executor.dask, timeout=10, msg="released key leaves executor.dask")
 
 
+def test_executor_dask_holds_a_computation_until_its_future_goes(executor):
+    """executor.dask is the graph of what is still held: a finished compute's
+    intermediate tasks leave it with the result's Future (a 100k-task compute
+    used to leave every one of them in the client)."""
+    before = set(executor.dask)
+    x = da.arange(400, chunks=10)
+    f = executor.compute((x + 1).sum())
+    assert f.result(timeout=30) == sum(range(1, 401))
+    added = set(executor.dask) - before
+    assert f.key in added
+    assert len(added) > 40  # the chunks and the reduction tree, not just the result
+    del f
+    gc.collect()
+    poll(lambda: not (set(executor.dask) - before), timeout=10,
+         msg="every task of the released compute leaves executor.dask")
+
+
 def test_persist_with_scheduler_returns_collection_backed_by_futures(executor):
     x = _array()
     y = x.persist(scheduler=executor)
