@@ -52,6 +52,65 @@ def loads_function(payload):
     return func
 
 
+class TaskThreads:
+    """Runs tasks in threads, at most ``nthreads`` at a time.
+
+    A task that nobody wants any more (``abandon``) gives its slot back at
+    once, since a Python thread cannot be stopped: it finishes in the
+    background on a spare thread, and one that had not started yet is
+    skipped.  At most ``spare`` abandoned runs can go on at once; past that,
+    new tasks wait for one of them to end.
+    """
+
+    def __init__(self, nthreads, spare=32):
+        self._pool = ThreadPoolExecutor(nthreads + spare, thread_name_prefix="dask-worker-task")
+        self._slots = threading.Semaphore(nthreads)
+        self._lock = threading.Lock()
+        # key -> "queued", "running" (holds a slot), "free" (abandoned while
+        # running: its slot was given back) or "skip" (abandoned while queued)
+        self._runs = {}
+
+    def submit(self, key, fn, *args):
+        with self._lock:
+            self._runs[key] = "queued"
+        return self._pool.submit(self._run, key, fn, args)
+
+    def _run(self, key, fn, args):
+        self._slots.acquire()
+        with self._lock:
+            if self._runs.get(key) == "skip":
+                del self._runs[key]
+                self._slots.release()
+                return None
+            self._runs[key] = "running"
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                if self._runs.pop(key, None) == "running":
+                    self._slots.release()
+
+    def abandon(self, key):
+        with self._lock:
+            state = self._runs.get(key)
+            if state == "running":
+                self._runs[key] = "free"
+                self._slots.release()
+            elif state == "queued":
+                self._runs[key] = "skip"
+
+    def resume(self, key):
+        """Undo ``abandon``.  A run already going does not take its slot back
+        (that could block the loop), so until it ends one more task than
+        ``nthreads`` may run."""
+        with self._lock:
+            if self._runs.get(key) == "skip":
+                self._runs[key] = "queued"
+
+    def shutdown(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def run_task(run_spec, key, deps):
     """Run one task (in a worker thread).  Returns ``(ok, value_or_error,
     nbytes, type_name)``.  Never raises."""
@@ -133,7 +192,7 @@ class Worker(Server):
         self.memory_limit = memory_limit
         self.data = {}
         self.state = None
-        self.executor = ThreadPoolExecutor(nthreads, thread_name_prefix="dask-worker-task")
+        self.executor = TaskThreads(nthreads)
         self.pool = ConnectionPool(limit=64)
         self.batched = None
         self.scheduler_comm = None
@@ -268,7 +327,7 @@ class Worker(Server):
             task.cancel()
         self.close_comms()
         self.pool.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown()
         self.status = "closed"
         self.finished.set()
 
@@ -291,6 +350,10 @@ class Worker(Server):
                     self.batched.send(inst[1])
             elif kind == "gather":
                 self._spawn(self._gather(inst[1], inst[2]))
+            elif kind == "abandon":
+                self.executor.abandon(inst[1])
+            elif kind == "resume":
+                self.executor.resume(inst[1])
             elif kind == "delete":
                 for key in inst[1]:
                     self.data.pop(key, None)
@@ -313,7 +376,7 @@ class Worker(Server):
         except KeyError as e:
             self._execute_done(key, False, RuntimeError("dependency %s vanished" % e), 0, None)
             return
-        fut = self.executor.submit(run_task, wt.run_spec, key, deps)
+        fut = self.executor.submit(key, run_task, wt.run_spec, key, deps)
         loop = self.loop
 
         def done(f):
@@ -327,7 +390,10 @@ class Worker(Server):
     def _execute_done_future(self, key, fut):
         if fut.cancelled():
             return
-        ok, value, nbytes, type_name = fut.result()
+        outcome = fut.result()
+        if outcome is None:  # abandoned before it started
+            outcome = (False, RuntimeError("task %r was cancelled before it ran" % (key,)), 0, None)
+        ok, value, nbytes, type_name = outcome
         self._execute_done(key, ok, value, nbytes, type_name)
 
     def _execute_done(self, key, ok, value, nbytes, type_name):

@@ -9,6 +9,8 @@ new stimuli.  Instructions are tuples:
 * ``("gather", worker_address, [keys])``: fetch data from a peer
 * ``("send", msg)``: send ``msg`` to the scheduler
 * ``("delete", [keys])``: drop data from memory
+* ``("abandon", key)``: nobody wants the running task; its thread no longer
+  counts against ``nthreads`` (``("resume", key)`` undoes that)
 
 Theory of operation.  ``compute-task`` names a task and, for each
 dependency, the workers holding it.  Missing dependencies are fetched straight
@@ -18,8 +20,9 @@ result stays in memory, owned by this worker, until the scheduler says
 ``free-keys``.  Fetched copies are private: they are dropped as soon as no
 local task needs them, and the scheduler never hears of them.
 
-A task freed while it runs becomes ``cancelled``; its result is dropped when
-the thread finishes, unless a new ``compute-task`` for it arrived meanwhile
+A task freed while it runs becomes ``cancelled`` and leaves ``executing``, so
+its thread slot goes to the next task; its result is dropped when the thread
+finishes, unless a new ``compute-task`` for it arrived meanwhile
 (then that run's id is reported).  A dependency no listed peer can supply is
 reported as ``missing-data`` and the task is dropped; the scheduler
 reassigns it.
@@ -28,8 +31,8 @@ State:
 
 * ``tasks``: key -> :class:`WTask` (tasks to run and data to fetch or hold)
 * ``ready``: heap of ``(priority, counter, key)`` of tasks ready to run
-* ``executing``: set of keys handed to the thread pool (running, or queued
-  there: at most ``nthreads + prefetch``)
+* ``executing``: set of keys handed to the thread pool and still wanted
+  (running, or queued there: at most ``nthreads + prefetch``)
 * ``in_flight``: peer address -> set of keys being fetched from it
 * ``to_fetch``: keys in ``fetch`` (may hold stale keys; checked on use)
 """
@@ -193,6 +196,10 @@ class WorkerState:
                                  "nbytes": wt.nbytes, "type": None}))
             return self._schedule(out)
         if wt is not None and wt.state in (EXECUTING, CANCELLED):
+            if wt.state == CANCELLED:
+                # its thread still runs: count it again and keep its result
+                self.executing.add(key)
+                out.append(("resume", key))
             wt.state = EXECUTING
             wt.owned = True
             wt.run_id = run_id
@@ -354,8 +361,7 @@ class WorkerState:
             if run_id is not None and wt.run_id != run_id:
                 continue
             if wt.state == EXECUTING:
-                wt.state = CANCELLED
-                wt.owned = False
+                self._abandon(wt, out)
                 continue
             if wt.state in (WAITING, READY):
                 wt.state = WAITING
@@ -365,6 +371,15 @@ class WorkerState:
             self._release_if_unneeded(wt, out)
         return self._schedule(out)
 
+    def _abandon(self, wt, out):
+        """Nobody wants the running ``wt`` any more.  A Python thread cannot
+        be stopped, so the run goes on in the background but stops counting
+        against ``nthreads``: new work gets a thread at once."""
+        wt.state = CANCELLED
+        wt.owned = False
+        self.executing.discard(wt.key)
+        out.append(("abandon", wt.key))
+
     def stimulus_pause(self, paused: bool):
         self.paused = paused
         return self._schedule([])
@@ -372,9 +387,9 @@ class WorkerState:
     def stimulus_clear(self):
         """Forget everything (the scheduler restarted)."""
         out = [("delete", [k for k, wt in self.tasks.items() if wt.state == MEMORY])]
-        for wt in self.tasks.values():
+        for wt in list(self.tasks.values()):
             if wt.state == EXECUTING:
-                wt.state = CANCELLED
+                self._abandon(wt, out)
         self.tasks = {k: wt for k, wt in self.tasks.items() if wt.state == CANCELLED}
         for wt in self.tasks.values():
             wt.owned = False
@@ -400,5 +415,5 @@ class WorkerState:
             for dep in wt.dependencies:
                 assert key in self.tasks[dep].dependents, (wt, dep)
         for key in self.executing:
-            assert self.tasks[key].state in (EXECUTING, CANCELLED), key
-        assert len(self.executing) <= self.nthreads + self.prefetch
+            assert self.tasks[key].state == EXECUTING, key
+        # a resumed cancelled run may take executing one past nthreads + prefetch

@@ -199,13 +199,29 @@ def test_free_keys_of_queued_task_drops_it():
 def test_free_keys_while_executing_cancels_and_drops_the_result_silently():
     w = new()
     w.stimulus_compute_task("x", "f-x", PRIO, 1)
-    assert w.stimulus_free_keys(["x"]) == []
+    assert w.stimulus_free_keys(["x"]) == [("abandon", "x")]
     assert states(w) == {"x": CANCELLED}
-    assert w.executing == {"x"}
+    assert w.executing == set()
     # the thread finishes: the result is dropped and nobody is told
     assert w.stimulus_execute_done("x", None, True, nbytes=8, type="int") == [("delete", ["x"])]
     assert w.tasks == {}
     assert w.executing == set()
+
+
+def test_cancelling_a_running_task_gives_its_thread_slot_to_the_next_task():
+    w = new(nthreads=1)
+    w.prefetch = 0
+    assert w.stimulus_compute_task("long", "f-long", PRIO, 1) == [("execute", "long")]
+    assert w.stimulus_compute_task("quick", "f-quick", PRIO, 2) == []  # no free thread
+    assert w.stimulus_free_keys(["long"]) == [("abandon", "long"), ("execute", "quick")]
+    assert states(w) == {"long": CANCELLED, "quick": EXECUTING}
+    assert w.executing == {"quick"}
+    assert w.stimulus_execute_done("quick", None, True, nbytes=8, type="int") == [
+        finished("quick", 2)]
+    # the abandoned run ends later: dropped silently
+    assert w.stimulus_execute_done("long", None, True, nbytes=8, type="int") == [
+        ("delete", ["long"])]
+    assert states(w) == {"quick": MEMORY}
 
 
 def test_cancelled_task_that_fails_sends_nothing():
@@ -220,7 +236,8 @@ def test_cancelled_task_reassigned_reports_the_new_run_id():
     w = new()
     w.stimulus_compute_task("x", "f-x", PRIO, 1)
     w.stimulus_free_keys(["x"])
-    assert w.stimulus_compute_task("x", "f-x", PRIO, 2) == []
+    assert w.stimulus_compute_task("x", "f-x", PRIO, 2) == [("resume", "x")]
+    assert w.executing == {"x"}
     assert states(w) == {"x": EXECUTING}
     assert w.stimulus_execute_done("x", None, True, nbytes=8, type="int") == [finished("x", 2)]
 
@@ -313,7 +330,7 @@ def test_clear_forgets_everything_but_running_threads():
     run_local(w, "x", 1)
     w.stimulus_compute_task("y", "f-y", PRIO, 2)
     out = w.stimulus_clear()
-    assert out == [("delete", ["x"])]
+    assert out == [("delete", ["x"]), ("abandon", "y")]
     assert states(w) == {"y": CANCELLED}
     assert w.stimulus_execute_done("y", None, True, nbytes=8, type="int") == [("delete", ["y"])]
     assert w.tasks == {}
