@@ -24,6 +24,8 @@ State:
 * ``_graph``: :class:`~distributed.graph.HeldGraph`, what computes each key
   that a Future still needs (for ``executor.dask``)
 * ``_outbox``: messages waiting to be handed to the batched stream
+* ``_fetches``: worker address -> set of its get-data calls in progress
+  (cancelled when the scheduler says ``worker-removed``)
 """
 from __future__ import annotations
 
@@ -100,6 +102,8 @@ class Client:
         self.futures = {}
         self.refcount = defaultdict(int)
         self._graph = HeldGraph()
+        self._fetches = defaultdict(set)  # worker -> get-data calls to it in progress
+        self._cut_fetches = set()  # those cancelled because their worker was removed
         self._lock = threading.Lock()
         self._releases = deque()
         self._outbox = []
@@ -336,6 +340,7 @@ class Client:
             "key-in-memory": self._on_key_in_memory,
             "task-erred": self._on_task_erred,
             "lost-data": self._on_lost_data,
+            "worker-removed": self._on_worker_removed,
             "cancelled-keys": self._on_cancelled_keys,
             "restart": self._on_restart,
             "restart-done": self._on_restart_done,
@@ -425,6 +430,17 @@ class Client:
         st = self.futures.get(key)
         if st is not None:
             st.lost()
+
+    def _on_worker_removed(self, worker):
+        # a fetch from it may never answer (a hung process keeps its socket)
+        for fetch in self._fetches.pop(worker, ()):
+            self._cut_fetches.add(fetch)
+            fetch.cancel()
+        with self._lock:
+            states = list(self.futures.values())
+        for st in states:
+            if worker in st.workers:
+                st.workers = tuple(w for w in st.workers if w != worker)
 
     def _on_cancelled_keys(self, keys):
         for key in keys:
@@ -710,8 +726,28 @@ class Client:
                 lost.append(key)
         return lost
 
-    async def _get_data(self, worker, keys):
-        resp = await self.pool.rpc(worker).get_data(keys=keys)
+    def _get_data(self, worker, keys):
+        """Start fetching ``keys`` from ``worker``; returns an awaitable.  The
+        call is registered at once, so that a ``worker-removed`` arriving
+        before it gets to run still cuts it short (with CommClosedError)."""
+        fetch = asyncio.ensure_future(self.pool.rpc(worker).get_data(keys=keys))
+        self._fetches[worker].add(fetch)
+        return self._await_fetch(worker, fetch)
+
+    async def _await_fetch(self, worker, fetch):
+        try:
+            resp = await fetch
+        except asyncio.CancelledError:
+            if fetch not in self._cut_fetches:
+                raise  # we were cancelled ourselves
+            raise CommClosedError("worker %s was removed during the fetch" % worker) from None
+        finally:
+            self._cut_fetches.discard(fetch)
+            running = self._fetches.get(worker)
+            if running is not None:
+                running.discard(fetch)
+                if not running:
+                    del self._fetches[worker]
         return resp["data"], resp.get("missing", []), resp.get("errors", {})
 
     # ------------------------------------------------------------ other operations

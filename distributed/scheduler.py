@@ -211,6 +211,12 @@ class Scheduler(Server):
             current.abort()
         if address in self.state.workers:
             logger.info("worker left: %s", address)
+            # first, so that fetches from a hung worker stop before its
+            # work is reassigned
+            msg = {"op": "worker-removed", "worker": address}
+            for bs in list(self.client_streams.values()) + list(self.worker_streams.values()):
+                if not bs.closing:
+                    bs.send(msg)
             self._stimulus(self.state.stimulus_remove_worker, address)
 
     def _worker_task_finished(self, worker, key, run_id, nbytes=-1, type=None, data=None):

@@ -193,6 +193,7 @@ class Worker(Server):
         self.data = {}
         self.state = None
         self.executor = TaskThreads(nthreads)
+        self._fetches = {}  # peer -> the task fetching from it
         self.pool = ConnectionPool(limit=64)
         self.batched = None
         self.scheduler_comm = None
@@ -244,6 +245,7 @@ class Worker(Server):
         handlers = {
             "compute-task": self._compute_task,
             "free-keys": self._free_keys,
+            "worker-removed": self._peer_removed,
             "clear": self._clear,
             "close": self._close_from_scheduler,
         }
@@ -349,7 +351,7 @@ class Worker(Server):
                 if self.batched is not None and not self.batched.closing:
                     self.batched.send(inst[1])
             elif kind == "gather":
-                self._spawn(self._gather(inst[1], inst[2]))
+                self._fetches[inst[1]] = self._spawn(self._gather(inst[1], inst[2]))
             elif kind == "abandon":
                 self.executor.abandon(inst[1])
             elif kind == "resume":
@@ -365,6 +367,13 @@ class Worker(Server):
 
     def _free_keys(self, keys, run_id=None):
         self._run(self.state.stimulus_free_keys(keys, run_id))
+
+    def _peer_removed(self, worker):
+        # a hung peer never answers: stop waiting, try another holder
+        fetch = self._fetches.get(worker)
+        if fetch is not None:
+            fetch.cancel()
+        self._run(self.state.stimulus_peer_removed(worker))
 
     def _clear(self):
         self._run(self.state.stimulus_clear())
@@ -439,6 +448,15 @@ class Worker(Server):
             logger.info("worker %s: fetch of %d keys from %s failed: %s",
                         self.address, len(keys), peer, e)
             failed = True
+        except asyncio.CancelledError:
+            if self.status != "running":
+                raise
+            logger.info("worker %s: fetch from %s stopped: the scheduler removed it",
+                        self.address, peer)
+            failed = True
+        finally:
+            if self._fetches.get(peer) is asyncio.current_task():
+                del self._fetches[peer]
         if self.status != "running":
             return
         out = []

@@ -350,6 +350,19 @@ class WorkerState:
                 out.extend(self._missing(wt, wt.tried))
         return self._schedule(out)
 
+    def stimulus_peer_removed(self, peer):
+        """The scheduler removed ``peer`` (it died or hung): fetch nothing
+        more from it.  Fetches in flight from it are cut by the server and
+        end with ``stimulus_gather_done(peer, {}, failed=True)``."""
+        self.log.append(("peer-removed", peer))
+        out = []
+        for wt in list(self.tasks.values()):
+            if wt.state == FETCH and peer in wt.who_has and peer not in wt.tried:
+                wt.tried.append(peer)
+                if not [p for p in wt.who_has if p not in wt.tried]:
+                    out.extend(self._missing(wt, wt.tried))
+        return self._schedule(out)
+
     def stimulus_free_keys(self, keys, run_id=None):
         """The scheduler does not want these keys here any more."""
         self.log.append(("free-keys", len(keys), run_id))

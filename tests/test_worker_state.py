@@ -286,6 +286,30 @@ def test_dependency_with_no_peer_but_ourselves_is_missing_at_once():
     assert w.tasks == {}
 
 
+def test_removed_peer_is_not_fetched_from_and_its_fetch_retries_elsewhere():
+    w2 = new()
+    w2.stimulus_compute_task("y1", "f", PRIO, 1, who_has={"x1": [A]})
+    w2.in_flight[B] = {"busy"}  # B busy too: x2 must wait in fetch
+    w2.max_fetches = 2
+    assert w2.stimulus_compute_task("y2", "f", PRIO, 2, who_has={"x2": [A]}) == []
+    # the scheduler says A is gone: x2 has nobody left, y2 goes back
+    assert w2.stimulus_peer_removed(A) == [
+        ("send", {"op": "missing-data", "key": "y2", "run_id": 2, "missing": {"x2": [A]}})]
+    # the cut fetch of x1 from A ends as failed: y1 goes back too
+    assert w2.stimulus_gather_done(A, {}, failed=True) == [
+        ("send", {"op": "missing-data", "key": "y1", "run_id": 1, "missing": {"x1": [A]}})]
+    assert "y1" not in w2.tasks and "y2" not in w2.tasks
+
+
+def test_removed_peer_with_another_holder_fetches_from_that_one():
+    w = new()
+    w.stimulus_compute_task("y1", "f", PRIO, 1, who_has={"x1": [A]})
+    w.stimulus_compute_task("y2", "f", PRIO, 2, who_has={"x2": [A]})
+    assert states(w)["x2"] == FETCH
+    w.tasks["x2"].who_has = [A, B]
+    assert w.stimulus_peer_removed(A) == [("gather", B, ["x2"])]
+
+
 def test_data_arriving_for_a_freed_task_is_deleted():
     w = new()
     w.stimulus_compute_task("y", "f-y", PRIO, 1, who_has={"x": [A]})
