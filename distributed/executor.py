@@ -271,14 +271,17 @@ class Client:
         _current[:] = [r for r in _current if r() is not None and r() is not self]
 
     # ------------------------------------------------------------ messages to the scheduler
-    def _send(self, *msgs):
-        """Queue messages for the scheduler, in order, from any thread.
-        Call with ``_lock`` held."""
+    def _check_connected(self):
         if self.status == "disconnected":
             raise OSError("the executor has lost its scheduler at %s and is trying to "
                           "reconnect" % self.address)
         if self.status not in ("running", "connecting"):
             raise RuntimeError("this executor is %s" % self.status)
+
+    def _send(self, *msgs):
+        """Queue messages for the scheduler, in order, from any thread.
+        Call with ``_lock`` held."""
+        self._check_connected()
         self._outbox.extend(msgs)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -548,6 +551,8 @@ class Client:
         if isinstance(workers, str):
             workers = [workers]
         with self._lock:
+            # before anything is registered: a Future made now would wait forever
+            self._check_connected()
             self._drain_locked()
             new_specs, deps = {}, {}
             for key, spec in specs.items():
