@@ -629,8 +629,12 @@ class Client:
             refs[k] = find_refs(args, list(kw_refs))
             graph[k] = (func, _without_futures(args) if refs[k] else args,
                         _without_futures(kwargs) if kw_refs else kwargs)
+        # run in the order given; this also tells the scheduler which tasks a
+        # worker was running when it died (equal priorities made the suspects
+        # of a death arbitrary, and innocent tasks erred with KilledWorker)
+        orders = {k: i for i, k in enumerate(specs)}
         return self._submit_tasks(specs, refs, keys, graph, workers=workers, retries=retries,
-                                  priority=priority)
+                                  priority=priority, orders=orders)
 
     # ------------------------------------------------------------ gathering
     def gather(self, futures, errors="raise", timeout=None):
