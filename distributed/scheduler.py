@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 from .batched import BatchedSend
 from .comm import CommClosedError
@@ -30,6 +31,8 @@ from .scheduler_state import SchedulerState
 from .utils import LRU, trim_memory
 
 TRIM_AFTER_FORGETTING = 10000  # tasks
+REPLICATE_NBYTES = 1 << 20      # results up to this size get a second copy ...
+REPLICATE_FOR = 60.0            # ... for this many seconds after a worker died
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class Scheduler(Server):
         self._functions = LRU(1000)
         self.pool = ConnectionPool(limit=64)
         self._tasks = set()
+        self._restarting = False
+        self._replicate_until = 0.0
         self.worker_stream_ops = {
             "task-finished": self._worker_task_finished,
             "task-erred": self._worker_task_erred,
@@ -157,7 +162,7 @@ class Scheduler(Server):
                     return
                 op = msg.pop("op", None)
                 if op == "unregister" or op == "close-client":
-                    return
+                    return op
                 handler = ops.get(op)
                 if handler is None:
                     self._bad(comm, "unknown stream op %.60r from %s" % (op, name))
@@ -195,13 +200,15 @@ class Scheduler(Server):
         logger.info("worker joined: %s (%s threads)", address, nthreads)
         self._stimulus(self.state.stimulus_add_worker, address, nthreads, name, nanny,
                        memory_limit, self.loop.time(), keys)
+        reason = None
         try:
-            await self._read_stream(comm, self.worker_stream_ops, address, worker=address)
+            reason = await self._read_stream(comm, self.worker_stream_ops, address,
+                                             worker=address)
         finally:
-            self._remove_worker(address, bs)
+            self._remove_worker(address, bs, died=reason != "unregister")
         return NO_REPLY
 
-    def _remove_worker(self, address, bs=None):
+    def _remove_worker(self, address, bs=None, died=True):
         current = self.worker_streams.get(address)
         if bs is not None and current is not bs:
             return  # a newer registration of the same address
@@ -211,6 +218,8 @@ class Scheduler(Server):
             current.abort()
         if address in self.state.workers:
             logger.info("worker left: %s", address)
+            if died and not self._restarting:
+                self._worker_died()
             # first, so that fetches from a hung worker stop before its
             # work is reassigned
             msg = {"op": "worker-removed", "worker": address}
@@ -218,6 +227,16 @@ class Scheduler(Server):
                 if not bs.closing:
                     bs.send(msg)
             self._stimulus(self.state.stimulus_remove_worker, address)
+
+    def _worker_died(self):
+        """Workers are dying: keep a second copy of small results for a while
+        (see ``SchedulerState._replicate``), so that each further death costs
+        only what was running, not the results it held."""
+        if not self.state.replicate_nbytes:
+            logger.info("a worker died: keeping a second copy of results up to %d bytes "
+                        "for the next %.0f s", REPLICATE_NBYTES, REPLICATE_FOR)
+        self.state.replicate_nbytes = REPLICATE_NBYTES
+        self._replicate_until = self.loop.time() + REPLICATE_FOR
 
     def _worker_task_finished(self, worker, key, run_id, nbytes=-1, type=None, data=None):
         self.last_seen[worker] = self.loop.time()
@@ -254,6 +273,10 @@ class Scheduler(Server):
             if peak - ntasks > TRIM_AFTER_FORGETTING:
                 trim_memory()
                 peak = ntasks
+            if self.state.replicate_nbytes and now > self._replicate_until:
+                self.state.replicate_nbytes = 0
+                logger.info("no worker died for %.0f s: results are kept once again",
+                            REPLICATE_FOR)
             for addr, seen in list(self.last_seen.items()):
                 if now - seen > self.heartbeat_timeout:
                     logger.warning("worker %s sent nothing for %.0f s: presumed hung, removing it",
@@ -315,6 +338,7 @@ class Scheduler(Server):
             if bs is not None and not bs.closing:
                 bs.send({"op": "clear"})
         status, text = "OK", ""
+        self._restarting = True  # the workers the nannies kill now did not die
         try:
             results = await asyncio.wait_for(asyncio.gather(
                 *[self.pool.rpc(n).restart(timeout=self.restart_timeout) for n in nannies],
@@ -334,6 +358,8 @@ class Scheduler(Server):
             status, text = "error", "restart timed out after %s s" % self.restart_timeout
         except (OSError, CommClosedError, RemoteError) as e:
             status, text = "error", "restart failed: %s" % e
+        finally:
+            self._restarting = False
         bs = self.client_streams.get(client)
         if bs is not None and not bs.closing:
             bs.send({"op": "restart-done", "id": request_id, "status": status, "text": text})
@@ -359,6 +385,7 @@ class Scheduler(Server):
                                "in_memory": len(ws.has_what)}
                         for addr, ws in self.state.workers.items()},
             "tasks": len(self.state.tasks),
+            "task_states": dict(Counter(ts.state for ts in self.state.tasks.values())),
             "clients": len(self.state.clients),
             "bad_messages": self.bad_messages,
         }

@@ -44,6 +44,10 @@ State (all of it):
 * ``generation``: count of ``update-graph`` calls, the second element of task
   priorities (earlier submissions run first)
 * ``log``: bounded deque of the last stimuli, for debugging
+* ``replicate_nbytes``: while > 0, each result of at most this many bytes
+  that is still needed is kept on two workers: a second copy is asked for
+  when it finishes, and again for those left with one copy when a worker is
+  removed (the server turns this on while workers are dying)
 """
 from __future__ import annotations
 
@@ -243,6 +247,7 @@ class SchedulerState:
         self.allowed_failures = allowed_failures
         self.validate = validate
         self.log = deque(maxlen=log_length)
+        self.replicate_nbytes = 0
         self._to_workers = defaultdict(list)
         self._to_clients = defaultdict(list)
         self._workers_by_host = defaultdict(set)
@@ -409,6 +414,8 @@ class SchedulerState:
             dts.waiters.discard(ts)
             if not self._needed(dts) and dts.state == MEMORY:
                 recs[dts] = RELEASED
+        if self.replicate_nbytes and 0 <= nbytes <= self.replicate_nbytes and self._needed(ts):
+            self._replicate([ts])
         if ts.who_wants:
             msg = {"op": "key-in-memory", "key": ts.key, "nbytes": nbytes,
                    "type": type, "workers": [ws.address]}
@@ -418,6 +425,38 @@ class SchedulerState:
         elif not ts.waiters:
             recs[ts] = RELEASED
         return recs
+
+    def _replicate(self, tss):
+        """Ask other workers to hold a second copy of each of ``tss`` (all in
+        memory somewhere).
+
+        Only while workers are dying (the server sets ``replicate_nbytes``):
+        then a lost worker costs only the tasks it was running, instead of
+        every result it held and, through them, the inputs those needed.
+        Each copy goes to the least busy worker that lacks it, counting the
+        copies already planned here; one message per worker.  A copy counts
+        once the worker reports it (``add-keys``).
+        """
+        planned = defaultdict(int)
+        orders = {}
+        for ts in tss:
+            best = None
+            best_load = None
+            for ws in self.workers.values():
+                if ws in ts.who_has or ws.paused:
+                    continue
+                load = len(ws.processing) + planned[ws]
+                if best is None or load < best_load:
+                    best, best_load = ws, load
+            if best is None:
+                continue
+            planned[best] += 1
+            msg = orders.get(best)
+            if msg is None:
+                msg = orders[best] = {"op": "acquire-replicas", "who_has": {}, "nbytes": {}}
+                self._to_workers[best.address].append(msg)
+            msg["who_has"][ts.key] = [ws.address for ws in ts.who_has]
+            msg["nbytes"][ts.key] = ts.nbytes
 
     def _add_replica(self, ts, ws):
         if ws not in ts.who_has:
@@ -736,6 +775,12 @@ class SchedulerState:
             if not ts.who_has and ts.state == MEMORY:
                 recs.update(self._transition_memory_released(ts, lost=True))
         self._transitions(recs)
+        if self.replicate_nbytes:
+            # back to two copies of every small result still needed, so the
+            # next death (soon, while workers keep dying) loses none of them
+            self._replicate([ts for ts in self.tasks.values()
+                             if ts.state == MEMORY and len(ts.who_has) == 1 and self._needed(ts)
+                             and 0 <= ts.nbytes <= self.replicate_nbytes])
         return self._flush()
 
     def stimulus_task_finished(self, key, worker, run_id, nbytes=-1, type=None, data=None):

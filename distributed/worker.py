@@ -30,6 +30,7 @@ from .utils import LRU, TaskError, format_exception_text, sizeof, substitute_ref
 from .worker_state import FLIGHT, WorkerState
 
 logger = logging.getLogger(__name__)
+MB = 10**6  # sizes in logs are in the units of --memory-limit 500MB (dask.utils.parse_bytes)
 
 _function_cache = LRU(1000)
 
@@ -246,6 +247,7 @@ class Worker(Server):
             "compute-task": self._compute_task,
             "free-keys": self._free_keys,
             "worker-removed": self._peer_removed,
+            "acquire-replicas": self._acquire_replicas,
             "clear": self._clear,
             "close": self._close_from_scheduler,
         }
@@ -301,15 +303,15 @@ class Worker(Server):
             frac = rss / self.memory_limit
             if frac > self.memory_terminate_fraction:
                 logger.error("worker %s uses %d MB, over %d%% of its memory limit of %d MB: "
-                             "exiting so that its nanny restarts it", self.address, rss >> 20,
-                             self.memory_terminate_fraction * 100, self.memory_limit >> 20)
+                             "exiting so that its nanny restarts it", self.address, rss // MB,
+                             self.memory_terminate_fraction * 100, self.memory_limit // MB)
                 await self.close()
                 os._exit(1)
             paused = frac > self.memory_pause_fraction
             if paused != self.state.paused:
                 logger.warning("worker %s %s: %d MB of a %d MB memory limit", self.address,
                                "pauses (takes no new tasks)" if paused else "resumes",
-                               rss >> 20, self.memory_limit >> 20)
+                               rss // MB, self.memory_limit // MB)
                 self._run(self.state.stimulus_pause(paused))
                 if self.batched is not None and not self.batched.closing:
                     self.batched.send({"op": "worker-paused", "paused": paused})
@@ -367,6 +369,9 @@ class Worker(Server):
 
     def _free_keys(self, keys, run_id=None):
         self._run(self.state.stimulus_free_keys(keys, run_id))
+
+    def _acquire_replicas(self, who_has, nbytes=None):
+        self._run(self.state.stimulus_acquire_replicas(who_has, nbytes))
 
     def _peer_removed(self, worker):
         # a hung peer never answers: stop waiting, try another holder

@@ -17,8 +17,10 @@ dependency, the workers holding it.  Missing dependencies are fetched straight
 from a peer (``fetch -> flight -> memory``); when all are here the task is
 ``ready`` and runs in priority order, at most ``nthreads`` at a time.  Its
 result stays in memory, owned by this worker, until the scheduler says
-``free-keys``.  Fetched copies are private: they are dropped as soon as no
-local task needs them, and the scheduler never hears of them.
+``free-keys``.  Copies fetched for a local task are private: they are
+dropped as soon as no local task needs them, and the scheduler never hears
+of them.  A copy the scheduler asked for (``acquire-replicas``, while workers
+are dying) is owned like a result and reported with ``add-keys``.
 
 A task freed while it runs becomes ``cancelled`` and leaves ``executing``, so
 its thread slot goes to the next task; its result is dropped when the thread
@@ -245,6 +247,8 @@ class WorkerState:
     def _missing(self, dwt, tried):
         """No peer could give us ``dwt``: drop the tasks that need it."""
         out = []
+        if dwt.run_spec is None:
+            dwt.owned = False  # a copy the scheduler asked for: give up on it
         for key in list(dwt.dependents):
             wt = self.tasks.get(key)
             if wt is None or wt.state not in (WAITING, READY):
@@ -328,6 +332,7 @@ class WorkerState:
         self.log.append(("gather-done", peer, len(got), len(missing), failed))
         out = []
         asked = self.in_flight.pop(peer, set())
+        replicas = []
         for key in asked:
             wt = self.tasks.get(key)
             if key in got:
@@ -338,6 +343,8 @@ class WorkerState:
                     continue
                 wt.state = MEMORY
                 wt.nbytes = got[key]
+                if wt.owned and wt.run_spec is None:
+                    replicas.append(key)
                 self._data_arrived(wt, out)
                 self._release_if_unneeded(wt, out)
                 continue
@@ -348,6 +355,37 @@ class WorkerState:
             self.to_fetch.add(key)
             if not [p for p in wt.who_has if p not in wt.tried]:
                 out.extend(self._missing(wt, wt.tried))
+        if replicas:
+            out.append(("send", {"op": "add-keys", "keys": replicas}))
+        return self._schedule(out)
+
+    def stimulus_acquire_replicas(self, who_has, nbytes=None):
+        """The scheduler wants copies of these keys here too (workers are
+        dying, so a result held once is at risk).  ``who_has``: key -> peers.
+        A copy is owned, like a result computed here, and reported with
+        ``add-keys`` once it has arrived."""
+        self.log.append(("acquire-replicas", len(who_has)))
+        out = []
+        have = []
+        for key, peers in who_has.items():
+            wt = self.tasks.get(key)
+            if wt is None:
+                peers = [p for p in peers if p != self.address]
+                if not peers:
+                    continue
+                wt = self._ensure(key, FETCH)
+                wt.who_has = peers
+                wt.tried = []
+                if nbytes and key in nbytes:
+                    wt.nbytes = nbytes[key]
+                self.to_fetch.add(key)
+                wt.owned = True
+            elif wt.run_spec is None and not wt.owned:
+                if wt.state == MEMORY:
+                    have.append(key)
+                wt.owned = True  # a copy fetched for a local task: keep it
+        if have:
+            out.append(("send", {"op": "add-keys", "keys": have}))
         return self._schedule(out)
 
     def stimulus_peer_removed(self, peer):

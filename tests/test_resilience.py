@@ -368,8 +368,9 @@ def test_task_whose_dependency_is_on_a_hung_worker_finishes_elsewhere(tmp_path):
             finally:
                 print("\ntask on bob needing data of hung alice: %s after %.2f s"
                       % (y.status, time.monotonic() - t0))
-            assert time.monotonic() - t0 < 10
-            assert e.who_has([x])[x.key] == [carol]
+            # recomputed on carol (bob may hold the copy it fetched, too)
+            holders = e.who_has([x])[x.key]
+            assert carol in holders and alice not in holders
             assert busy.result(timeout=10) == 1
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -495,6 +496,93 @@ def test_vanished_client_releases_its_keys_but_not_those_another_client_holds(tm
             kill_group(client)
             if client.stdout is not None:
                 client.stdout.close()
+
+
+# ---------------------------------------------------------------- memory limit
+def hold_megabytes(n):
+    """An array of ``n`` MB, every page touched."""
+    import numpy as np
+
+    return np.ones(n * 2**20 // 8)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_worker_over_its_memory_limit_pauses_then_is_restarted_by_its_nanny(tmp_path):
+    limit = 500 * 10**6  # '500MB', as dask.utils.parse_bytes reads it
+    with proc_cluster(tmp_path, nworkers=1, worker_args=["--memory-limit", "500MB"]) as (e, c):
+        (waddr, wpid), = c.pid_of_address().items()
+        base = psutil.Process(wpid).memory_info().rss
+        # past 80% of the limit: the worker pauses and takes no new task
+        big = e.submit(hold_megabytes, (int(0.86 * limit) - base) >> 20)
+        poll(lambda: big.done(), timeout=30, msg="the big array made")
+        poll(lambda: "pauses" in c.log("worker-0.log"), timeout=10, msg="pause logged")
+        waiting = e.submit(inc, 1)
+        time.sleep(1.0)
+        assert waiting.status == "pending"
+        # freeing the array lets it resume and run what waited
+        del big
+        assert waiting.result(timeout=30) == 2
+        assert "resumes" in c.log("worker-0.log")
+        # past 95%: the worker exits, its nanny starts a new one, and the task
+        # that keeps doing it ends with KilledWorker instead of looping forever
+        hog = e.submit(hold_megabytes, limit >> 20, pure=False)
+        with pytest.raises(KilledWorker):
+            hog.result(timeout=120)
+        log = c.log("worker-0.log")
+        assert "over 95% of its memory limit of 500 MB: exiting so that its nanny restarts it" \
+            in log
+        poll(lambda: len(e.ncores()) == 1, timeout=30, msg="a worker again")
+        (new_addr, new_pid), = c.pid_of_address().items()
+        assert new_pid != wpid
+        assert e.submit(inc, 41).result(timeout=30) == 42
+
+
+MANY_CLIENTS_SCRIPT = r"""
+import sys
+from distributed import Executor, wait
+executors = [Executor(sys.argv[1], set_as_default=False) for _ in range(int(sys.argv[2]))]
+held = []
+for i, e in enumerate(executors):
+    fs = e.map(pow, range(i * 50, i * 50 + 50), [2] * 50, pure=False)
+    wait(fs, timeout=60)
+    held.append(fs)
+assert all(f.status == "finished" for fs in held for f in fs)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_hundred_clients_that_vanish_leave_nothing_held(tmp_path):
+    with proc_cluster(tmp_path, nworkers=2) as (e, c):
+        sched = psutil.Process(c.scheduler.pid)
+        assert e.submit(inc, 1).result(timeout=30) == 2
+        before = sched.memory_info().rss
+        clients = subprocess.Popen([sys.executable, "-c", MANY_CLIENTS_SCRIPT, c.address, "100"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_env(),
+                                   start_new_session=True)
+        try:
+            assert read_line(clients, 120).strip() == "ready"
+            info = e.scheduler_info()
+            assert info["clients"] == 101 and info["tasks"] >= 5000
+            during = sched.memory_info().rss
+            os.killpg(clients.pid, signal.SIGKILL)
+            clients.wait(10)
+            poll(lambda: e.scheduler_info()["clients"] == 1, timeout=30, msg="clients gone")
+            poll(lambda: e.scheduler_info()["tasks"] == 0, timeout=30, msg="their keys released")
+            poll(lambda: not any(e.has_what().values()), timeout=30, msg="worker data freed")
+            after = sched.memory_info().rss
+            print("\n100 clients: scheduler RSS %.1f MB before, %.1f MB with them, %.1f MB "
+                  "after they vanished" % (before / 2**20, during / 2**20, after / 2**20))
+            assert after - before < 30 * 2**20
+            assert e.gather(e.map(inc, range(10)), timeout=30) == list(range(1, 11))
+        finally:
+            kill_group(clients)
+            for f in (clients.stdin, clients.stdout):
+                if f is not None:
+                    f.close()
 
 
 # ---------------------------------------------------------------- 6. scheduler restart

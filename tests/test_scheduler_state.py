@@ -598,6 +598,8 @@ class FakeCluster:
                 self._worker_out(addr, ws.stimulus_compute_task(**msg))
             elif op == "free-keys":
                 self._worker_out(addr, ws.stimulus_free_keys(**msg))
+            elif op == "acquire-replicas":
+                self._worker_out(addr, ws.stimulus_acquire_replicas(**msg))
             else:
                 raise AssertionError("unexpected message to worker: %r" % (event,))
         elif kind == "execute":
@@ -624,6 +626,8 @@ class FakeCluster:
                 out = s.stimulus_task_erred(worker=addr, **msg)
             elif op == "missing-data":
                 out = s.stimulus_missing_data(worker=addr, **msg)
+            elif op == "add-keys":
+                out = s.stimulus_add_keys(worker=addr, **msg)
             else:
                 raise AssertionError("unexpected message to scheduler: %r" % (event,))
             self._scheduler_out(out)
@@ -728,6 +732,96 @@ def test_fake_cluster_recovers_when_a_worker_dies_mid_graph():
     assert fc.result("c", "w") == 5
     assert fc.result("c", "x") == 1
     assert {"op": "lost-data", "key": "x"} in fc.client_messages["c"]
+
+
+def test_replication_off_by_default_sends_no_copies():
+    s = new_state(A, B)
+    s.stimulus_update_graph("c", {"x": "f-x"}, {}, ["x"])
+    assert s.stimulus_task_finished("x", A, 1, nbytes=8, type="int") == (
+        {}, {"c": [in_memory("x", A)]})
+
+
+def test_replication_asks_the_least_busy_other_worker_for_a_copy_of_small_results():
+    s = new_state(A, B, C)
+    s.replicate_nbytes = 100
+    s.stimulus_update_graph("c", {"x": "f-x", "big": "f-big"}, {}, ["x", "big"],
+                            restrictions={"x": [A], "big": [A]})
+    s.stimulus_update_graph("c", {"busy": "f-busy"}, {}, ["busy"], restrictions={"busy": [B]})
+    assert s.stimulus_task_finished("x", A, s.tasks["x"].run_id, nbytes=8, type="int") == (
+        {C: [{"op": "acquire-replicas", "who_has": {"x": [A]}, "nbytes": {"x": 8}}]},
+        {"c": [in_memory("x", A)]})
+    # the copy counts once the worker says it has it
+    assert s.who_has(["x"]) == {"x": [A]}
+    assert s.stimulus_add_keys(C, ["x"]) == NOTHING
+    assert sorted(s.who_has(["x"])["x"]) == [A, C]
+    # too big for a copy
+    assert s.stimulus_task_finished("big", A, s.tasks["big"].run_id, nbytes=1000,
+                                    type="bytes") == (
+        {}, {"c": [in_memory("big", A, nbytes=1000, type="bytes")]})
+
+
+def test_removed_worker_leaves_single_copies_which_are_copied_again():
+    s = new_state(A, B, C)
+    s.replicate_nbytes = 100
+    s.stimulus_update_graph("c", {"x": "f-x", "y": "f-y", "big": "f-big"}, {},
+                            ["x", "y", "big"], restrictions={"x": [A], "y": [B], "big": [B]})
+    s.stimulus_task_finished("x", A, s.tasks["x"].run_id, nbytes=8, type="int")
+    s.stimulus_add_keys(B, ["x"])
+    s.stimulus_task_finished("y", B, s.tasks["y"].run_id, nbytes=8, type="int")
+    s.stimulus_add_keys(C, ["y"])
+    s.stimulus_task_finished("big", B, s.tasks["big"].run_id, nbytes=1000, type="bytes")
+    assert {k: sorted(v) for k, v in s.who_has(["x", "y"]).items()} == {"x": [A, B], "y": [B, C]}
+    # B dies: x and y are left with one copy each and get a second one, in
+    # one message per worker; big (too large to copy) is lost, and waits for
+    # a worker it may run on
+    to_workers, to_clients = s.stimulus_remove_worker(B)
+    assert to_workers[C] == [{"op": "acquire-replicas", "who_has": {"x": [A]}, "nbytes": {"x": 8}}]
+    assert [m for m in to_workers[A] if m["op"] == "acquire-replicas"] == [
+        {"op": "acquire-replicas", "who_has": {"y": [C]}, "nbytes": {"y": 8}}]
+    assert not [m for m in to_workers[A] + to_workers[C] if m["op"] == "compute-task"]
+    assert s.tasks["big"].state == "no-worker"
+    assert to_clients == {"c": [{"op": "lost-data", "key": "big"}]}
+
+
+def test_copy_reported_after_its_key_was_released_is_freed():
+    s = new_state(A, B)
+    s.replicate_nbytes = 100
+    s.stimulus_update_graph("c", {"x": "f-x"}, {}, ["x"])
+    s.stimulus_task_finished("x", A, 1, nbytes=8, type="int")
+    s.stimulus_client_releases_keys("c", ["x"])
+    assert s.stimulus_add_keys(B, ["x"]) == ({B: [free_keys("x")]}, {})
+
+
+def test_fake_cluster_with_replication_loses_no_result_when_a_holder_dies():
+    calls = []
+
+    def counted_one():
+        calls.append(1)
+        return 1
+
+    fc = FakeCluster(A, B, C)
+    fc.scheduler.replicate_nbytes = 1000
+    leaves = {"x%d" % i: (counted_one,) for i in range(6)}
+    graph = dict(leaves, total=(lambda *xs: sum(xs), *leaves))
+    fc.submit("c", graph, ["total"], restrictions={"total": [C]})
+    # run until every leaf is in memory on two workers, before total runs
+    for _ in range(10_000):
+        tss = [fc.scheduler.tasks[k] for k in leaves]
+        if all(len(ts.who_has) == 2 for ts in tss):
+            break
+        fc.step()
+    assert all(len(fc.scheduler.tasks[k].who_has) == 2 for k in leaves)
+    assert len(calls) == 6
+    assert any(fc.scheduler.workers[A] in fc.scheduler.tasks[k].who_has for k in leaves)
+    fc.kill(A)
+    fc.run()
+    assert fc.result("c", "total") == 6
+    assert len(calls) == 6  # nothing ran again: the copies stood in for A's results
+    fc.release("c", ["total"])
+    fc.run()
+    assert fc.scheduler.tasks == {}
+    assert all(d == {} for d in fc.data.values())
+    assert all(ws.tasks == {} for ws in fc.workers.values())
 
 
 def test_fake_cluster_reruns_dependency_lost_before_it_was_fetched():

@@ -310,6 +310,35 @@ def test_removed_peer_with_another_holder_fetches_from_that_one():
     assert w.stimulus_peer_removed(A) == [("gather", B, ["x2"])]
 
 
+def test_acquired_replica_is_fetched_kept_and_reported():
+    w = new()
+    assert w.stimulus_acquire_replicas({"x": [A]}, nbytes={"x": 8}) == [("gather", A, ["x"])]
+    assert w.stimulus_gather_done(A, {"x": 8}) == [("send", {"op": "add-keys", "keys": ["x"]})]
+    assert states(w) == {"x": MEMORY}
+    # kept until the scheduler frees it
+    assert w.stimulus_free_keys(["x"]) == [("delete", ["x"])]
+    assert w.tasks == {}
+
+
+def test_replica_of_a_copy_already_here_is_reported_at_once():
+    w = new()
+    w.stimulus_compute_task("y", "f-y", PRIO, 1, who_has={"x": [A]})
+    w.stimulus_gather_done(A, {"x": 8})
+    assert w.stimulus_acquire_replicas({"x": [A]}) == [
+        ("send", {"op": "add-keys", "keys": ["x"]})]
+    w.stimulus_execute_done("y", None, True, nbytes=8, type="int")
+    assert states(w) == {"x": MEMORY, "y": MEMORY}  # y ran, but x is owned now
+
+
+def test_replica_nobody_can_give_is_dropped_without_a_report():
+    w = new()
+    w.stimulus_acquire_replicas({"x": [A]})
+    assert w.stimulus_gather_done(A, {}, failed=True) == []
+    assert w.tasks == {}
+    assert w.stimulus_acquire_replicas({"x": [ME]}) == []  # only from ourselves: nothing
+    assert w.tasks == {}
+
+
 def test_data_arriving_for_a_freed_task_is_deleted():
     w = new()
     w.stimulus_compute_task("y", "f-y", PRIO, 1, who_has={"x": [A]})
