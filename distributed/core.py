@@ -151,6 +151,10 @@ class Server:
                         await comm.write(result)
                     except CommClosedError:
                         return
+                # an idle connection must not pin the last request or reply:
+                # a get-data reply holds the data it sent (RSS grew by the
+                # size of each 500 MB array fetched, never freed)
+                msg = result = None
         finally:
             self.comms.discard(comm)
             comm.abort()

@@ -174,7 +174,13 @@ def dumps(msg) -> list:
             return obj.item()
         raise TypeError("Cannot send object of type %s in a message header" % type(obj).__name__)
 
-    frames[0] = msgpack.Packer(default=default, use_bin_type=True, strict_types=True).pack(msg)
+    try:
+        frames[0] = msgpack.Packer(default=default, use_bin_type=True, strict_types=True).pack(msg)
+    finally:
+        # ``default`` refers to itself (nested tuples), a cycle that would
+        # keep ``frames`` and the data in them alive until the next garbage
+        # collection: a worker held each 500 MB array it sent for seconds
+        default = None
     return frames
 
 
@@ -209,6 +215,8 @@ def loads(frames):
         raise
     except Exception as e:
         raise ProtocolError("could not decode message header: %s: %s" % (type(e).__name__, e)) from e
+    finally:
+        ext_hook = None  # it refers to itself: see dumps
 
 
 # ---------------------------------------------------------------- framing
