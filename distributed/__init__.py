@@ -9,7 +9,7 @@ from .executor import (CancelledError, Client, Executor, Future, KilledWorker, a
                        default_client, futures_of, get_client, wait)
 from .nanny import Nanny
 from .scheduler import Scheduler
-from .worker import Worker
+from .worker import Worker, get_worker
 
 from . import _dask_compat
 
@@ -18,5 +18,6 @@ __version__ = "0.1.0"
 _dask_compat.install()
 
 __all__ = ["Executor", "Client", "Future", "as_completed", "wait", "futures_of", "get_client",
-           "default_client", "CancelledError", "KilledWorker", "Scheduler", "Worker", "Nanny",
+           "default_client", "get_worker", "CancelledError", "KilledWorker", "Scheduler", "Worker",
+           "Nanny",
            "__version__"]

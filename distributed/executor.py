@@ -36,6 +36,7 @@ import threading
 import uuid
 import weakref
 from collections import defaultdict, deque
+from collections.abc import Iterator
 
 from dask._task_spec import TaskRef
 
@@ -44,7 +45,8 @@ from .comm import CommClosedError, connect, normalize_address
 from .core import ConnectionPool, RemoteError
 from .graph import HeldGraph
 from .future import (CANCELLED, ERROR, FINISHED, CancelledError, Future, FutureState,
-                     KilledWorker, _is_iterator_like, as_completed, futures_of, wait)
+                     KilledWorker, _is_iterator_like, as_completed, futures_of,
+                     rebuild_exception, wait)
 from .protocol import deserialize, dumps_inband, serialize
 from .utils import (find_refs, funcname, register_loop_thread, sync,
                     unregister_loop_thread, LRU)
@@ -636,6 +638,100 @@ class Client:
         return self._submit_tasks(specs, refs, keys, graph, workers=workers, retries=retries,
                                   priority=priority, orders=orders)
 
+    def scatter(self, data, workers=None, broadcast=False, hash=True):
+        """Send local data to the cluster; returns Futures for it at once.
+
+        ``data``: one object (one Future), a list, tuple or set (a list of
+        Futures), or a dict (a dict of Futures whose keys are the dict's
+        keys).  Keys are ``typename-<token>`` of the value (``hash=False``:
+        random), so scattering equal data twice gives the same key.  The data
+        goes to the scheduler with the task that holds it, and the scheduler
+        keeps those bytes (never unpickled) while the key is wanted, so a
+        worker that dies loses no scattered data.  ``workers``: where it may
+        live.  ``broadcast=True``: wait until it is in memory, then copy it
+        to every worker (see :meth:`replicate`).
+        """
+        if broadcast and self.asynchronous:
+            return self._scatter(data, workers, broadcast, hash)
+        futures = self._scatter_tasks(data, workers, hash)
+        if broadcast:
+            self.replicate(futures)
+        return futures
+
+    async def _scatter(self, data, workers=None, broadcast=False, hash=True):
+        futures = self._scatter_tasks(data, workers, hash)
+        if broadcast:
+            await self._replicate(futures)
+        return futures
+
+    def _scatter_tasks(self, data, workers, hash):
+        from dask._task_spec import DataNode
+        from dask.base import tokenize
+
+        several = isinstance(data, (list, tuple, set, frozenset, Iterator))
+        if isinstance(data, dict):
+            keys, values = list(data), list(data.values())
+        elif several:
+            keys, values = None, list(data)
+        else:  # one object, even if it is iterable like an array
+            keys, values = None, [data]
+        if keys is None:
+            keys = ["%s-%s" % (type(v).__name__, tokenize(v) if hash else uuid.uuid4().hex)
+                    for v in values]
+        if [v for v in values if isinstance(v, Future)]:
+            raise TypeError("scatter takes local data; these are already Futures")
+        specs, graph = {}, {}
+        for key, value in zip(keys, values):
+            node = DataNode(key, value)
+            specs[key] = {"task": serialize(node)}
+            graph[key] = node
+        futures = self._submit_tasks(specs, {}, keys, graph, workers=workers)
+        if isinstance(data, dict):
+            return dict(zip(keys, futures))
+        return futures if several else futures[0]
+
+    def replicate(self, futures, n=None):
+        """Wait for ``futures``, then have their data copied until each is
+        held by ``n`` workers (None: by every worker).  It only adds copies.
+        Returns once the scheduler has asked for them; the workers fetch the
+        copies in the background."""
+        return self._sync(self._replicate, futures, n=n)
+
+    async def _replicate(self, futures, n=None):
+        flat = []
+        _collect_futures(futures, flat)
+        for f in flat:
+            await f._state.wait()
+        with self._lock:
+            self._send({"op": "replicate", "keys": list(dict.fromkeys(f.key for f in flat)),
+                        "n": n})
+
+    def run(self, function, *args, workers=None, **kwargs):
+        """Run ``function(*args, **kwargs)`` once on every worker (or on the
+        addresses in ``workers``), in a thread there, outside of the task
+        system: for set-up and inspection such as ``run(os.getpid)``.
+        Returns ``{worker address: result}``; raises the first exception a
+        worker raised."""
+        return self._sync(self._run_on_workers, function, args, kwargs, workers)
+
+    async def _run(self, function, *args, workers=None, **kwargs):
+        return await self._run_on_workers(function, args, kwargs, workers)
+
+    async def _run_on_workers(self, function, args, kwargs, workers):
+        if workers is None:
+            workers = list(await self._ncores())
+        elif isinstance(workers, str):
+            workers = [workers]
+        payload = {"function": self._dumps_function(function), "args": serialize(args),
+                   "kwargs": serialize(kwargs)}
+        replies = await asyncio.gather(*[self.pool.rpc(w).run(**payload) for w in workers])
+        out = {}
+        for addr, reply in zip(workers, replies):
+            if reply.get("status") == "raised":
+                raise rebuild_exception(reply.get("exception"), reply.get("traceback"))
+            out[addr] = deserialize(reply["result"])
+        return out
+
     # ------------------------------------------------------------ gathering
     def gather(self, futures, errors="raise", timeout=None):
         """Values of ``futures`` (a Future, or lists/tuples/dicts of them),
@@ -919,10 +1015,12 @@ class Client:
         del futures, by_key
         return _nest(keys, results)
 
-    def compute(self, *collections, optimize_graph=True, priority=0, workers=None, retries=None):
+    def compute(self, *collections, optimize_graph=True, priority=0, workers=None, retries=None,
+                sync=False):
         """Start computing dask collections; returns one Future per
         collection at once (a single Future for a single collection, a list
-        for several or for a list)."""
+        for several or for a list).  ``sync=True``: wait and return the
+        values instead."""
         single = len(collections) == 1 and not isinstance(collections[0], (list, tuple))
         if len(collections) == 1 and isinstance(collections[0], (list, tuple)):
             collections = tuple(collections[0])
@@ -944,6 +1042,8 @@ class Client:
                                              retries=retries)
             for i, f in zip(idx, futures):
                 out[i] = f
+        if sync:
+            return self.gather(out[0] if single else out)
         return out[0] if single else out
 
     def persist(self, collections, optimize_graph=True, priority=0, workers=None, retries=None,

@@ -123,19 +123,25 @@ class FutureState:
         """A fresh exception object each call: raising one adds frames to its
         traceback, and a stored exception holding those frames would keep
         Futures alive (cases/14)."""
-        exc = self.exception
-        if isinstance(exc, Serialized):
-            try:
-                e = deserialize(exc)
-            except Exception as err:
-                e = TaskError("the task failed, and its exception could not be unpickled: %s" % err)
-        elif isinstance(exc, dict):
-            e = _SCHEDULER_ERRORS.get(exc.get("type"), TaskError)(exc.get("text", ""))
-        else:
-            e = TaskError(self.traceback or "task failed")
-        if self.traceback and isinstance(exc, Serialized):
-            e.__cause__ = RemoteTraceback(self.traceback)
-        return e
+        return rebuild_exception(self.exception, self.traceback)
+
+
+def rebuild_exception(exc, traceback):
+    """The exception a worker or the scheduler reported, ready to raise:
+    ``exc`` is a ``Serialized`` exception or a ``{'type', 'text'}`` dict,
+    ``traceback`` the remote traceback text (it becomes ``__cause__``)."""
+    if isinstance(exc, Serialized):
+        try:
+            e = deserialize(exc)
+        except Exception as err:
+            e = TaskError("the task failed, and its exception could not be unpickled: %s" % err)
+    elif isinstance(exc, dict):
+        e = _SCHEDULER_ERRORS.get(exc.get("type"), TaskError)(exc.get("text", ""))
+    else:
+        e = TaskError(traceback or "task failed")
+    if traceback and isinstance(exc, Serialized):
+        e.__cause__ = RemoteTraceback(traceback)
+    return e
 
 
 def _resolve(fut):

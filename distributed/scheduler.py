@@ -84,6 +84,7 @@ class Scheduler(Server):
             "client-releases-keys": self._client_op(self.state.stimulus_client_releases_keys),
             "client-desires-keys": self._client_op(self.state.stimulus_client_desires_keys),
             "cancel-keys": self._client_op(self.state.stimulus_cancel_keys),
+            "replicate": self._client_op(self.state.stimulus_replicate),
             "restart": self._client_restart,
             "heartbeat": self._client_heartbeat,
         }

@@ -177,6 +177,7 @@ class Worker(Server):
         handlers = {
             "get-data": self.handle_get_data,
             "keys": self.handle_keys,
+            "run": self.handle_run,
             "terminate": self.handle_terminate,
         }
         super().__init__(handlers, name="worker")
@@ -390,7 +391,7 @@ class Worker(Server):
         except KeyError as e:
             self._execute_done(key, False, RuntimeError("dependency %s vanished" % e), 0, None)
             return
-        fut = self.executor.submit(key, run_task, wt.run_spec, key, deps)
+        fut = self.executor.submit(key, self._run_task_here, wt.run_spec, key, deps)
         loop = self.loop
 
         def done(f):
@@ -507,6 +508,30 @@ class Worker(Server):
     async def handle_keys(self, comm):
         return list(self.data)
 
+    def _run_task_here(self, run_spec, key, deps):
+        _task_thread.worker = self  # for get_worker() in the task
+        return run_task(run_spec, key, deps)
+
+    async def handle_run(self, comm, function, args=None, kwargs=None):
+        """``{'op': 'run', 'function': bytes, 'args': Serialized, 'kwargs':
+        Serialized}`` -> ``{'status': 'OK', 'result': Serialized}`` or
+        ``{'status': 'raised', 'exception': Serialized, 'traceback': text}``.
+        Runs the function in a thread of its own (not a task slot)."""
+
+        def call():
+            _task_thread.worker = self
+            func = loads_function(function)
+            return func(*(deserialize(args) if args is not None else ()),
+                        **(deserialize(kwargs) if kwargs is not None else {}))
+
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, call)
+            return {"status": "OK", "result": serialize(result)}
+        except Exception as e:  # the user's function failed: reported to the caller
+            exception, text = pack_exception(e)
+            # not 'error': that status means the request itself failed
+            return {"status": "raised", "exception": exception, "traceback": text}
+
 
 def format_address(host, port):
     return "tcp://%s:%d" % (host, port)
@@ -524,6 +549,18 @@ def _parent_watchdog(loop, worker, parent_pid, interval=1.0):
                 return
 
     return worker._spawn(watch())
+
+
+_task_thread = threading.local()
+
+
+def get_worker():
+    """The :class:`Worker` running the current task (or ``Executor.run``
+    function).  Raises ValueError outside of one."""
+    worker = getattr(_task_thread, "worker", None)
+    if worker is None or worker.status != "running":
+        raise ValueError("get_worker() called outside of a task on a worker")
+    return worker
 
 
 def get_client(timeout=None):

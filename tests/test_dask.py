@@ -346,6 +346,14 @@ def test_executor_compute_returns_one_future_per_collection(executor):
     poll(lambda: key not in executor.dask, timeout=10, msg="released key leaves executor.dask")
 
 
+def test_executor_compute_sync_returns_values(executor):
+    x = _array()
+    assert executor.compute(x.sum(), sync=True) == pytest.approx(
+        x.sum().compute(scheduler="sync"))
+    total, answer = executor.compute([x.sum(), delayed(inc)(41)], sync=True)
+    assert total == pytest.approx(x.sum().compute(scheduler="sync")) and answer == 42
+
+
 def test_executor_dask_holds_a_computation_until_its_future_goes(executor):
     """executor.dask is the graph of what is still held: a finished compute's
     intermediate tasks leave it with the result's Future (a 100k-task compute

@@ -494,3 +494,84 @@ async def test_restart_cancels_futures_and_cluster_keeps_working(e, s, a, b):
     assert z.key == x.key
     assert await z == 2
     assert not z.cancelled()
+
+
+# ---------------------------------------------------------------- scatter, replicate, run
+def where_am_i(x=None):
+    from distributed import get_worker
+
+    return get_worker().address
+
+
+def raise_key_error():
+    raise KeyError("nothing here")
+
+
+@gen_cluster(executor=True)
+async def test_scatter_keeps_the_shape_and_tasks_use_the_data_where_it_is(e, s, a, b):
+    one = e.scatter(41)
+    several = e.scatter([1, 2, 3])
+    named = e.scatter({"alpha": 10, "beta": 20})
+    assert one.key.startswith("int-")
+    assert [f.key.split("-")[0] for f in several] == ["int", "int", "int"]
+    assert set(named) == {"alpha", "beta"} and named["alpha"].key == "alpha"
+    assert await one == 41
+    assert await e._gather(several) == [1, 2, 3]
+    assert await e._gather(named) == {"alpha": 10, "beta": 20}
+    assert await e.submit(inc, one) == 42
+    assert await e.submit(total, several, named) == 36
+    # the data lives on a worker, not in the scheduler's memory
+    assert one.key in a.data or one.key in b.data
+    assert e.dask[one.key].value == 41
+
+
+@gen_cluster(executor=True)
+async def test_scatter_keys_are_tokens_of_the_data_unless_hash_is_false(e, s, a, b):
+    x, y = e.scatter([[1, 2], [1, 2]])
+    assert x.key == y.key
+    assert x.key == e.scatter([[1, 2]])[0].key
+    z, w = e.scatter([[1, 2], [1, 2]], hash=False)
+    assert len({x.key, z.key, w.key}) == 3
+    assert await e._gather([x, z, w]) == [[1, 2]] * 3
+    with pytest.raises(TypeError, match="already Futures"):
+        e.scatter([x])
+
+
+@gen_cluster(executor=True)
+async def test_scatter_to_chosen_workers_and_broadcast_to_all(e, s, a, b):
+    x = e.scatter(b"payload", workers=[b.address])
+    assert await x == b"payload"
+    assert x.key in b.data and x.key not in a.data
+    y = await e._scatter(list(range(50)), broadcast=True)
+    await apoll(lambda: all(f.key in a.data and f.key in b.data for f in y), timeout=10)
+    assert sorted((await e._who_has(y[:1]))[y[0].key]) == sorted([a.address, b.address])
+    z = e.scatter("replicate me", workers=[a.address])
+    await e._replicate([z], n=2)
+    await apoll(lambda: z.key in b.data, timeout=10)
+    # the copies go when the key is released
+    key = z.key
+    del z
+    await apoll(lambda: key not in a.data and key not in b.data, timeout=10)
+
+
+@gen_cluster(executor=True)
+async def test_run_calls_a_function_on_every_worker_and_raises_its_error(e, s, a, b):
+    assert await e._run(where_am_i) == {a.address: a.address, b.address: b.address}
+    assert await e._run(where_am_i, 1, workers=[b.address]) == {b.address: b.address}
+    with pytest.raises(KeyError, match="nothing here"):
+        await e._run(raise_key_error)
+    # inside a task, get_worker() is the worker running it
+    f = e.submit(where_am_i, 5, workers=[a.address])
+    assert await f == a.address
+
+
+@gen_cluster(executor=True)
+async def test_scatter_of_an_iterable_object_sends_it_whole(e, s, a, b):
+    import numpy as np
+
+    arr = np.arange(10)
+    x = e.scatter(arr)
+    assert x.key.startswith("ndarray-")
+    assert (await x).tolist() == list(range(10))
+    gen = e.scatter(i * i for i in range(3))
+    assert await e._gather(gen) == [0, 1, 4]

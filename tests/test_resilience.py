@@ -429,6 +429,22 @@ def test_nanny_restarts_a_dead_worker_with_a_new_process(tmp_path):
         assert e.submit(add, 1, 2, workers=[new_addr]).result(timeout=30) == 3
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_worker_that_joins_a_busy_cluster_takes_a_share_of_the_queued_work(tmp_path):
+    with proc_cluster(tmp_path, nworkers=1) as (e, c):
+        (first,) = e.ncores()
+        futures = e.map(slowinc, range(80), delay=0.1)
+        poll(lambda: any(f.done() for f in futures), timeout=30, msg="work started")
+        c.start_worker()
+        poll(lambda: len(e.ncores()) == 2, timeout=30, msg="second worker registered")
+        (second,) = set(e.ncores()) - {first}
+        assert e.gather(futures, timeout=60) == list(range(1, 81))
+        ran_there = [k for k, holders in e.who_has(futures).items() if second in holders]
+        # the tasks were not all handed to the first worker up front
+        assert len(ran_there) >= 10
+
+
 # ---------------------------------------------------------------- 5. vanished client
 CLIENT_SCRIPT = r"""
 import sys, time

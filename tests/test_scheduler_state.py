@@ -14,6 +14,7 @@ from distributed.scheduler_state import (
     MEMORY,
     NO_WORKER,
     PROCESSING,
+    QUEUED,
     RELEASED,
     WAITING,
     SchedulerState,
@@ -201,6 +202,77 @@ def test_key_wanted_again_while_in_memory_is_reported_at_once():
     s.stimulus_task_finished("x", A, 1, nbytes=8, type="int")
     assert s.stimulus_client_desires_keys("d", ["x", "unknown"]) == (
         {}, {"d": [in_memory("x", A), {"op": "cancelled-keys", "keys": ["unknown"]}]})
+
+
+# ---------------------------------------------------------------- queue of root tasks
+def keys_sent(to_workers, addr):
+    return [m["key"] for m in to_workers.get(addr, []) if m["op"] == "compute-task"]
+
+
+def test_tasks_without_dependencies_beyond_saturation_wait_in_the_queue():
+    s = new_state(A, saturation=2)
+    tasks = {"t%d" % i: "f" for i in range(5)}
+    to_workers, _ = s.stimulus_update_graph("c", tasks, {}, list(tasks),
+                                            priority={"t%d" % i: i for i in range(5)})
+    assert keys_sent(to_workers, A) == ["t0", "t1"]
+    assert states(s) == {"t0": PROCESSING, "t1": PROCESSING, "t2": QUEUED, "t3": QUEUED,
+                         "t4": QUEUED}
+    # a finished task frees a slot: the queued task of highest priority goes
+    to_workers, _ = s.stimulus_task_finished("t1", A, s.tasks["t1"].run_id, nbytes=8)
+    assert keys_sent(to_workers, A) == ["t2"]
+    # so does an erred one
+    to_workers, _ = s.stimulus_task_erred("t0", A, s.tasks["t0"].run_id, exception="e")
+    assert keys_sent(to_workers, A) == ["t3"]
+
+
+def test_worker_that_joins_takes_queued_tasks_at_once():
+    s = new_state(A, saturation=1)
+    s.stimulus_update_graph("c", {"x": "f", "y": "f", "z": "f"}, {}, ["x", "y", "z"],
+                            priority={"x": 0, "y": 1, "z": 2})
+    assert states(s) == {"x": PROCESSING, "y": QUEUED, "z": QUEUED}
+    to_workers, _ = s.stimulus_add_worker(B)
+    assert keys_sent(to_workers, B) == ["y"]
+    # a paused worker gets nothing from the queue until it resumes
+    s.stimulus_worker_paused(A, True)
+    to_workers, _ = s.stimulus_task_finished("x", A, s.tasks["x"].run_id, nbytes=8)
+    assert keys_sent(to_workers, A) == [] and s.tasks["z"].state == QUEUED
+    to_workers, _ = s.stimulus_worker_paused(A, False)
+    assert keys_sent(to_workers, A) == ["z"]
+
+
+def test_queued_task_released_by_its_client_is_forgotten_and_never_sent():
+    s = new_state(A, saturation=1)
+    s.stimulus_update_graph("c", {"x": "f", "y": "f"}, {}, ["x", "y"],
+                            priority={"x": 0, "y": 1})
+    assert s.tasks["y"].state == QUEUED
+    assert s.stimulus_client_releases_keys("c", ["y"]) == NOTHING
+    assert "y" not in s.tasks
+    to_workers, _ = s.stimulus_task_finished("x", A, s.tasks["x"].run_id, nbytes=8)
+    assert keys_sent(to_workers, A) == []
+    assert s.queued == []
+
+
+def test_tasks_with_dependencies_or_restrictions_are_never_queued():
+    s = new_state(A, saturation=1)
+    s.stimulus_update_graph("c", {"x": "f"}, {}, ["x"])
+    # A is full, but a restricted task goes to its worker all the same
+    s.stimulus_update_graph("c", {"pinned": "f"}, {}, ["pinned"], restrictions={"pinned": [A]})
+    s.stimulus_update_graph("c", {"r": "f"}, {}, ["r"])
+    assert states(s) == {"x": PROCESSING, "pinned": PROCESSING, "r": QUEUED}
+    s.stimulus_task_finished("x", A, s.tasks["x"].run_id, nbytes=8)
+    assert s.tasks["r"].state == QUEUED  # pinned still fills A
+    # and so does a task that needs data: it goes where its data is
+    s.stimulus_update_graph("c", {"y": "f"}, {"y": ["x"]}, ["y"])
+    assert s.tasks["y"].state == PROCESSING
+    s.stimulus_task_finished("pinned", A, s.tasks["pinned"].run_id, nbytes=8)
+    s.stimulus_task_finished("y", A, s.tasks["y"].run_id, nbytes=8)
+    assert s.tasks["r"].state == PROCESSING
+    # the only worker dies: nothing can run, and nothing stays queued
+    s.stimulus_remove_worker(A)
+    assert states(s) == {"x": NO_WORKER, "y": WAITING, "pinned": NO_WORKER, "r": NO_WORKER}
+    to_workers, _ = s.stimulus_add_worker(B)
+    assert keys_sent(to_workers, B) == ["x"]  # submitted first; B is then full
+    assert s.tasks["r"].state == QUEUED
 
 
 # ---------------------------------------------------------------- errors

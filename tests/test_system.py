@@ -267,3 +267,23 @@ def test_local_cluster_without_address_and_workers_gone_after_close():
         assert all(psutil.pid_exists(p) for p in pids)
     assert e.status == "closed"
     poll(lambda: all(gone(p) for p in pids), timeout=10, msg="local workers gone")
+
+
+def test_scattered_data_survives_the_death_of_the_worker_holding_it():
+    import numpy as np
+
+    with cluster(nworkers=2) as (addr, _, nannies):
+        with Executor(addr, set_as_default=False) as e:
+            arr = np.arange(1_000_000, dtype="f8")
+            x = e.scatter(arr)
+            assert x.result(timeout=20).sum() == arr.sum()
+            (holder,) = e.who_has([x])[x.key]
+            pids = pid_of_address(worker_pids(nannies))
+            assert sorted(e.run(os.getpid)) == sorted(pids)
+            assert e.run(os.getpid)[holder] == pids[holder]
+            os.kill(pids[holder], signal.SIGKILL)
+            poll(lambda: holder not in e.ncores(), timeout=30, msg="holder removed")
+            # the scheduler kept the bytes: the data is made again elsewhere
+            y = e.submit(np.sum, x)
+            assert y.result(timeout=30) == arr.sum()
+            assert holder not in e.who_has([x])[x.key]
