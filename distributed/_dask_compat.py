@@ -17,6 +17,7 @@ run before ``import distributed`` keeps dask's own function.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
 _MARK = "_distributed_get_shim"
@@ -33,7 +34,22 @@ def _warn_once():
     if not _warned:
         _warned.append(True)
         warnings.warn("compute(get=...) is kept for compatibility; use scheduler=... instead",
-                      GetKeywordWarning, stacklevel=4)
+                      GetKeywordWarning, stacklevel=_callers_level())
+
+
+def _callers_level():
+    """The ``stacklevel`` of the first frame outside dask and this package,
+    so that the warning names the user's line (x.compute(get=...) goes
+    through a different depth of dask calls than dask.compute)."""
+    frame = sys._getframe(2)  # _warn_once's caller: stacklevel 2 of its warn()
+    level = 2
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name == "dask" or name.startswith(("dask.", "distributed"))):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 2
 
 
 def _merge_get(get, scheduler):

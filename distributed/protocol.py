@@ -24,8 +24,11 @@ it.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
 import struct
+import sys
+import types
 
 import cloudpickle
 import msgpack
@@ -128,14 +131,52 @@ def serialize(obj) -> Serialized:
 
 def dumps_inband(obj) -> bytes:
     """Pickle a function into one bytes object with cloudpickle (no
-    out-of-band buffers).  Functions are pickled once and cached, so the
-    faster standard pickler is not worth its one difference here: it pickles
-    a bound method such as ``random.random`` with a copy of its instance,
-    where cloudpickle refers to it by name."""
+    out-of-band buffers).
+
+    A method of a module-level object that the module exports by name, such
+    as ``random.random`` or ``numpy.random.random``, goes by reference:
+    pickled normally it carries a copy of its object (the generator's state),
+    so every worker would draw the same "random" numbers.
+    """
+    ref = _module_attribute(obj)
+    if ref is not None:
+        return pickle.dumps(_ByReference(*ref), protocol=5)
     try:
         return cloudpickle.dumps(obj, protocol=5)
     except Exception as e:
         raise TypeError("Could not serialize object of type %s: %s" % (type(obj).__name__, e)) from e
+
+
+def _module_attribute(obj):
+    """``(module, name)`` if ``obj`` is a bound method of some object that an
+    importable module (not ``__main__``, not pickled by value) exports as
+    ``module.name``; else None."""
+    owner = getattr(obj, "__self__", None)
+    name = getattr(obj, "__name__", None)
+    if owner is None or isinstance(owner, types.ModuleType) or not isinstance(name, str):
+        return None  # plain and builtin functions already go by reference
+    for modname in (getattr(obj, "__module__", None), getattr(type(owner), "__module__", None)):
+        if not modname or modname == "__main__" \
+                or modname in cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES:
+            continue
+        module = sys.modules.get(modname)
+        if module is not None and getattr(module, name, None) is obj:
+            return modname, name
+    return None
+
+
+def _import_attribute(modname, name):
+    return getattr(importlib.import_module(modname), name)
+
+
+class _ByReference:
+    """Unpickles as ``getattr(import_module(modname), name)``."""
+
+    def __init__(self, modname, name):
+        self.modname, self.name = modname, name
+
+    def __reduce__(self):
+        return _import_attribute, (self.modname, self.name)
 
 
 def deserialize(s: Serialized):

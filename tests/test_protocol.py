@@ -275,3 +275,21 @@ def test_dumps_and_loads_hold_no_data_once_their_result_is_dropped():
         assert received() is None
     finally:
         gc.enable()
+
+
+def test_module_level_bound_methods_are_pickled_by_name_not_with_their_state():
+    import random
+
+    from distributed.protocol import dumps_inband
+
+    # a copy of random's hidden Random instance would make every worker
+    # draw the same numbers
+    f1 = pickle.loads(dumps_inband(random.random))
+    f2 = pickle.loads(dumps_inband(random.random))
+    assert f1 is random.random and f2 is random.random
+    assert len(dumps_inband(random.random)) < 200
+    assert pickle.loads(dumps_inband(np.random.random)) is np.random.random
+    # other callables are unaffected
+    assert pickle.loads(dumps_inband(len)) is len
+    bound = random.Random(5).random
+    assert pickle.loads(dumps_inband(bound))() == random.Random(5).random()

@@ -90,6 +90,19 @@ def test_gather_map_and_submit_chain(shared):
         assert len(e.ncores()) == 2
 
 
+def test_random_functions_draw_different_numbers_on_each_worker(shared):
+    import random
+
+    import numpy as np
+
+    addr, _, _ = shared
+    with Executor(addr, set_as_default=False) as e:
+        draws = e.gather([e.submit(random.random, pure=False) for _ in range(20)])
+        assert len(set(draws)) == 20
+        arrays = e.gather([e.submit(np.random.random, 3, pure=False) for _ in range(6)])
+        assert len({tuple(a) for a in arrays}) == 6
+
+
 def test_result_timeout_raises_builtin_timeout_error(shared):
     addr, _, _ = shared
     with Executor(addr, set_as_default=False) as e:
