@@ -517,7 +517,9 @@ class Client:
         The key is ``funcname-<token>``: the token comes from the function and
         all inputs (``dask.base.tokenize``), so the same call gives the same
         key anywhere and is computed once.  ``pure=False`` gives a fresh key.
-        ``workers``: addresses, names or hosts the task may run on.
+        ``workers``: addresses, names or hosts the task may run on;
+        ``allow_other_workers=True`` makes that a preference, so that any
+        worker runs it while none of those is connected.
         ``retries``: re-run the task up to this many times if it raises.
         ``priority``: higher runs earlier.
         """
@@ -545,10 +547,11 @@ class Client:
             # the graph entry must not keep the argument Futures alive
             args, kwargs = _without_futures(args), _without_futures(kwargs)
         return self._submit_tasks({key: spec}, {key: refs}, [key], {key: (func, args, kwargs)},
-                                  workers=workers, retries=retries, priority=priority)[0]
+                                  workers=workers, retries=retries, priority=priority,
+                                  allow_other_workers=allow_other_workers)[0]
 
     def _submit_tasks(self, specs, refs, keys, graph, workers=None, retries=None, priority=0,
-                      orders=None):
+                      orders=None, allow_other_workers=False):
         """Send tasks to the scheduler and return Futures for ``keys``."""
         if isinstance(workers, str):
             workers = [workers]
@@ -581,6 +584,8 @@ class Client:
                 msg["priority"] = orders
             if workers is not None:
                 msg["restrictions"] = {k: list(workers) for k in new_specs}
+                if allow_other_workers:
+                    msg["loose_restrictions"] = list(new_specs)
             if retries:
                 msg["retries"] = {k: retries for k in new_specs}
             self._send(msg)
@@ -592,7 +597,7 @@ class Client:
         return futures
 
     def map(self, func, *iterables, key=None, pure=True, workers=None, retries=None,
-            priority=0, **kwargs):
+            priority=0, allow_other_workers=False, **kwargs):
         """``submit`` once per element: returns a list of Futures.
 
         Keyword arguments are passed whole to every call (a Future among
@@ -636,7 +641,8 @@ class Client:
         # of a death arbitrary, and innocent tasks erred with KilledWorker)
         orders = {k: i for i, k in enumerate(specs)}
         return self._submit_tasks(specs, refs, keys, graph, workers=workers, retries=retries,
-                                  priority=priority, orders=orders)
+                                  priority=priority, orders=orders,
+                                  allow_other_workers=allow_other_workers)
 
     def scatter(self, data, workers=None, broadcast=False, hash=True):
         """Send local data to the cluster; returns Futures for it at once.

@@ -287,6 +287,13 @@ def decide_worker(ts, workers, valid=None):
     return min(candidates, key=cost)
 
 
+class _Loose(list):
+    """Restrictions that are only a preference (``allow_other_workers``):
+    any worker may run the task while none of these is connected."""
+
+    __slots__ = ()
+
+
 def _priority(ts):
     return ts.priority
 
@@ -469,6 +476,8 @@ class SchedulerState:
             for ws in self.workers.values():
                 if ws.name == r or ws.host == r:
                     valid.add(ws)
+        if not valid and type(ts.restrictions) is _Loose:
+            return None
         return valid
 
     def _transition_waiting_released(self, ts):
@@ -685,7 +694,8 @@ class SchedulerState:
         return self._flush()
 
     def stimulus_update_graph(self, client, tasks, dependencies, keys, priority=None,
-                              user_priority=0, restrictions=None, retries=None):
+                              user_priority=0, restrictions=None, retries=None,
+                              loose_restrictions=()):
         """Add tasks and say which keys ``client`` wants.
 
         * ``tasks``: key -> run_spec (opaque)
@@ -694,6 +704,8 @@ class SchedulerState:
         * ``keys``: the keys the client holds futures for
         * ``priority``: key -> number (lower first, e.g. ``dask.order``)
         * ``restrictions``: key -> list of worker addresses, names or hosts
+        * ``loose_restrictions``: keys whose restrictions are a preference:
+          any worker may run them while none of those is connected
         * ``retries``: key -> how many times to re-run it after an error
         """
         self.log.append(("update-graph", client, len(tasks)))
@@ -717,7 +729,8 @@ class SchedulerState:
             else:
                 continue
             if key in restrictions:
-                ts.restrictions = list(restrictions[key])
+                ts.restrictions = (_Loose if key in loose_restrictions else list)(
+                    restrictions[key])
             if key in retries:
                 ts.retries = retries[key]
         for ts in new:

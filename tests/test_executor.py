@@ -575,3 +575,13 @@ async def test_scatter_of_an_iterable_object_sends_it_whole(e, s, a, b):
     assert (await x).tolist() == list(range(10))
     gen = e.scatter(i * i for i in range(3))
     assert await e._gather(gen) == [0, 1, 4]
+
+
+@gen_cluster(executor=True)
+async def test_allow_other_workers_runs_a_task_restricted_to_an_absent_worker(e, s, a, b):
+    f = e.submit(inc, 1, workers=["tcp://127.0.0.1:1"], allow_other_workers=True)
+    assert await f == 2
+    g = e.map(inc, [10, 20], workers=["nobody"], allow_other_workers=True)
+    assert await e._gather(g) == [11, 21]
+    h = e.submit(inc, 5, workers=[b.address], allow_other_workers=True)
+    assert await h == 6 and h.key in b.data

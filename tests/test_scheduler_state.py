@@ -528,6 +528,21 @@ def test_no_worker_at_all_then_worker_joins():
     assert s.stimulus_add_worker(A) == ({A: [compute_task("x", "f-x", 1, (0, 1, 0))]}, {})
 
 
+def test_loose_restrictions_fall_back_to_any_worker_while_none_named_is_there():
+    s = new_state(A)
+    s.stimulus_update_graph("c", {"strict": "f", "loose": "f"}, {}, ["strict", "loose"],
+                            restrictions={"strict": [B], "loose": [B]},
+                            loose_restrictions=["loose"])
+    assert states(s) == {"strict": NO_WORKER, "loose": PROCESSING}
+    assert s.tasks["loose"].processing_on is s.workers[A]
+    # once B is there, the preference holds
+    s.stimulus_add_worker(B)
+    assert s.tasks["strict"].processing_on is s.workers[B]
+    s.stimulus_update_graph("c", {"loose2": "f"}, {}, ["loose2"], restrictions={"loose2": [B]},
+                            loose_restrictions=["loose2"])
+    assert s.tasks["loose2"].processing_on is s.workers[B]
+
+
 # ---------------------------------------------------------------- restart, missing data
 def test_restart_forgets_everything_and_tells_clients():
     s = new_state(A, B)
