@@ -179,3 +179,29 @@ def cluster(nworkers=2, nthreads=1, nanny=True, scheduler_args=(), worker_args=(
         for w in workers:
             kill_group(w)
         kill_group(sched)
+
+
+def pid_of_address(pids):
+    """Worker address -> pid, from the port each worker process listens on."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        for conn in conns:
+            if conn.status == psutil.CONN_LISTEN:
+                out["tcp://127.0.0.1:%d" % conn.laddr.port] = pid
+    return out
+
+
+def gone(pid):
+    """Whether process ``pid`` has exited (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from distributed import CancelledError, Executor, KilledWorker, as_completed
-from distributed.utils_test import free_port, inc, kill_group, poll, slowinc
+from distributed.utils_test import free_port, inc, gone, kill_group, pid_of_address, poll, slowinc
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -186,26 +186,6 @@ def proc_cluster(logdir, nworkers=2, **kwargs):
         raise
     finally:
         c.stop()
-
-
-def pid_of_address(pids):
-    out = {}
-    for pid in pids:
-        try:
-            conns = psutil.Process(pid).net_connections(kind="tcp")
-        except psutil.NoSuchProcess:
-            continue
-        for conn in conns:
-            if conn.status == psutil.CONN_LISTEN:
-                out["tcp://127.0.0.1:%d" % conn.laddr.port] = pid
-    return out
-
-
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def who_has_keys(e, keys):

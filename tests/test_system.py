@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from distributed import CancelledError, Executor
-from distributed.utils_test import cluster, inc, poll, slowinc, throws
+from distributed.utils_test import cluster, gone, inc, pid_of_address, poll, slowinc, throws
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -49,27 +49,6 @@ def worker_pids(nanny_procs):
     for p in nanny_procs:
         pids.extend(c.pid for c in psutil.Process(p.pid).children())
     return pids
-
-
-def pid_of_address(pids):
-    """Worker address -> pid, from the port each worker process listens on."""
-    out = {}
-    for pid in pids:
-        try:
-            conns = psutil.Process(pid).net_connections(kind="tcp")
-        except psutil.NoSuchProcess:
-            continue
-        for c in conns:
-            if c.status == psutil.CONN_LISTEN:
-                out["tcp://127.0.0.1:%d" % c.laddr.port] = pid
-    return out
-
-
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.fixture(scope="module")
