@@ -401,18 +401,22 @@ class SchedulerState:
         return recs
 
     def _transition_waiting_processing(self, ts):
-        workers = [ws for ws in self.workers.values() if not ws.paused]
-        ws = decide_worker(ts, workers, self._valid_workers(ts))
+        if not ts.dependencies and ts.restrictions is None:
+            # through the queue, so that they go out in priority order when
+            # there are more than the workers' slots; _fill_slots picks the
+            # worker, so decide_worker is not needed here
+            if any(not ws.paused for ws in self.workers.values()):
+                ts.state = QUEUED
+                self._queue_counter += 1
+                heapq.heappush(self.queued, (ts.priority, self._queue_counter, ts))
+                return {}
+            ws = None
+        else:
+            workers = [ws for ws in self.workers.values() if not ws.paused]
+            ws = decide_worker(ts, workers, self._valid_workers(ts))
         if ws is None:
             ts.state = NO_WORKER
             self.unrunnable.add(ts)
-            return {}
-        if not ts.dependencies and ts.restrictions is None:
-            # through the queue, so that they go out in priority order when
-            # there are more than the workers' slots (_fill_slots)
-            ts.state = QUEUED
-            self._queue_counter += 1
-            heapq.heappush(self.queued, (ts.priority, self._queue_counter, ts))
             return {}
         self._assign(ts, ws)
         return {}

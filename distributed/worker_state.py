@@ -19,8 +19,9 @@ from a peer (``fetch -> flight -> memory``); when all are here the task is
 result stays in memory, owned by this worker, until the scheduler says
 ``free-keys``.  Copies fetched for a local task are private: they are
 dropped as soon as no local task needs them, and the scheduler never hears
-of them.  A copy the scheduler asked for (``acquire-replicas``, while workers
-are dying) is owned like a result and reported with ``add-keys``.
+of them.  A copy the scheduler asked for (``acquire-replicas``: while workers
+are dying, or for ``Executor.replicate``) is owned like a result and
+reported with ``add-keys``.
 
 A task freed while it runs becomes ``cancelled`` and leaves ``executing``, so
 its thread slot goes to the next task; its result is dropped when the thread
@@ -361,7 +362,8 @@ class WorkerState:
 
     def stimulus_acquire_replicas(self, who_has, nbytes=None):
         """The scheduler wants copies of these keys here too (workers are
-        dying, so a result held once is at risk).  ``who_has``: key -> peers.
+        dying, so a result held once is at risk, or a client asked for
+        ``replicate``).  ``who_has``: key -> peers.
         A copy is owned, like a result computed here, and reported with
         ``add-keys`` once it has arrived."""
         self.log.append(("acquire-replicas", len(who_has)))
