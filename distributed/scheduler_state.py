@@ -162,7 +162,8 @@ class TaskState:
     * ``processing_on``: the WorkerState running it (``processing``)
     * ``who_wants``: set of ClientState holding futures to it
     * ``run_id``: increments with every assignment to a worker
-    * ``suspicious``: how many workers died while running it
+    * ``suspicious``: how many workers died while running it, or while holding
+      its only copy as the last result they finished
     * ``exception``, ``traceback``, ``exception_blame``: set while ``erred``
       (``exception_blame`` is the task that really failed)
     """
@@ -205,7 +206,7 @@ class WorkerState:
     (TaskStates whose data it holds), ``nbytes`` (sum of their sizes)."""
 
     __slots__ = ("address", "nthreads", "name", "nanny", "processing", "has_what",
-                 "nbytes", "last_seen", "memory_limit", "paused")
+                 "nbytes", "last_seen", "memory_limit", "paused", "last_finished")
 
     def __init__(self, address, nthreads=1, name=None, nanny=None, memory_limit=0, now=0.0):
         self.address = address
@@ -218,6 +219,7 @@ class WorkerState:
         self.last_seen = now
         self.memory_limit = memory_limit
         self.paused = False
+        self.last_finished = None  # the TaskState it finished most recently
 
     def __repr__(self):
         return "<Worker %s: %d processing, %d in memory>" % (
@@ -516,7 +518,12 @@ class SchedulerState:
         ts.state = MEMORY
         ts.nbytes = nbytes
         ts.type = type
-        ts.suspicious = 0
+        # A result whose worker then dies may be what killed it (a task
+        # whose output exceeds the memory limit), so its suspicion is
+        # forgiven only once the same worker finishes another task.
+        if ws.last_finished is not None:
+            ws.last_finished.suspicious = 0
+        ws.last_finished = ts
         self._add_replica(ts, ws)
         recs = {}
         for dts in ts.waiters:
@@ -886,6 +893,15 @@ class SchedulerState:
             self._remove_replica(ts, ws)
             if not ts.who_has and ts.state == MEMORY:
                 recs.update(self._transition_memory_released(ts, lost=True))
+                if ts is ws.last_finished:
+                    ts.suspicious += 1
+                    if ts.suspicious > self.allowed_failures:
+                        recs.pop(ts, None)
+                        ts.state = WAITING
+                        recs.update(self._transition_waiting_erred(ts, exception={
+                            "type": "KilledWorker",
+                            "text": "task %r: the %d workers that held its result last died "
+                                    "(the last was %s)" % (ts.key, ts.suspicious, address)}))
         self._transitions(recs)
         if self.replicate_nbytes:
             # back to two copies of every small result still needed, so the

@@ -451,12 +451,42 @@ def test_killed_worker_after_allowed_failures_plus_one_deaths():
     assert s.processing() == {C: []}
 
 
-def test_suspicion_resets_when_task_completes():
+def test_suspicion_resets_once_the_worker_lives_on_past_the_task():
     s = new_state(A, B, C, allowed_failures=1)
     s.stimulus_update_graph("c", {"x": "f-x"}, {}, ["x"])
     s.stimulus_remove_worker(A)
     s.stimulus_task_finished("x", B, 2, nbytes=8, type="int")
+    assert s.tasks["x"].suspicious == 1  # its result may yet kill B
+    s.stimulus_update_graph("c", {"y": "f-y"}, {}, ["y"], restrictions={"y": [B]})
+    s.stimulus_task_finished("y", B, s.tasks["y"].run_id, nbytes=8, type="int")
     assert s.tasks["x"].suspicious == 0
+
+
+def test_result_that_kills_each_worker_holding_it_ends_in_killed_worker():
+    # the task finishes, then its worker dies of holding the result (over
+    # its memory limit); recomputing it forever would never end
+    s = new_state(A)
+    s.stimulus_update_graph("c", {"hog": "f"}, {}, ["hog"])
+    for i in range(4):
+        s.stimulus_add_worker("w%d" % i)
+        ts = s.tasks["hog"]
+        holder = ts.processing_on.address
+        s.stimulus_task_finished("hog", holder, ts.run_id, nbytes=10**9)
+        assert s.tasks["hog"].state == MEMORY
+        s.stimulus_remove_worker(holder)
+    assert s.tasks["hog"].state == ERRED
+    assert s.tasks["hog"].exception["type"] == "KilledWorker"
+
+
+def test_result_forgiven_once_its_worker_finishes_another_task():
+    s = new_state(A, B)
+    s.stimulus_update_graph("c", {"x": "f"}, {}, ["x"], restrictions={"x": [A]})
+    s.stimulus_task_finished("x", A, s.tasks["x"].run_id, nbytes=8)
+    s.stimulus_update_graph("c", {"y": "f"}, {}, ["y"], restrictions={"y": [A]})
+    s.stimulus_task_finished("y", A, s.tasks["y"].run_id, nbytes=8)
+    s.stimulus_remove_worker(A)
+    # y was the last result A finished; x lived on past y's finish
+    assert s.tasks["x"].suspicious == 0 and s.tasks["y"].suspicious == 1
 
 
 # ---------------------------------------------------------------- clients
